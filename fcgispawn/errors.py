@@ -50,7 +50,15 @@ class ProcessError(FcgiSpawnError):
 
 
 class AppImportError(FcgiSpawnError):
-    """The WSGI application named by MODULE:CALLABLE could not be imported."""
+    """The WSGI application named by MODULE:CALLABLE could not be imported.
+
+    ``detail`` holds the app's own traceback: the user needs it to fix their code, and it is
+    printed after the one-line message rather than folded into it.
+    """
+
+    def __init__(self, message: str, *, detail: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.detail = detail
 
 
 class CrashLoopError(FcgiSpawnError):

@@ -1,0 +1,122 @@
+"""Cross-field rules of config.build: each bad combination names the value at fault."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fcgispawn.config import Options, build, parse_mode
+from fcgispawn.errors import ConfigError
+from fcgispawn.sockets import FdAddress, TcpAddress, UnixAddress
+
+CMD = ("/bin/cat",)
+
+
+def opts(**kw: object) -> Options:
+    base = Options(command=CMD)
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        ({"socket": "/tmp/a.sock", "port": 9000}, "give one socket"),
+        ({"socket": "/tmp/a.sock", "fd": 3}, "give one socket"),
+        ({"address": "127.0.0.1"}, "needs -p"),
+        ({"socket": "/tmp/" + "x" * 120}, "longer than the 107"),
+        ({"port": 70000}, "out of range"),
+        ({"port": 0}, "out of range"),
+        ({"socket": "/tmp/a.sock", "socket_mode": "0999"}, "invalid socket mode"),
+        ({"socket": "/tmp/a.sock", "socket_mode": "01777"}, "out of range"),
+        ({"port": 9000, "socket_mode": "0600"}, "only to a UNIX socket"),
+        ({"workers": 0}, "-F/--workers must be at least 1"),
+        ({"php_children": 0}, "-C must be at least 1"),
+        ({"backlog": 0}, "-b/--backlog"),
+        ({"threads": 0}, "--threads"),
+        ({"command": ()}, "no FastCGI application given"),
+        ({"command": ("no-such-program-xyz",)}, "cannot execute 'no-such-program-xyz'"),
+        ({"command": ("/etc/passwd",)}, "cannot execute '/etc/passwd'"),
+        ({"wsgi": "app", "command": ()}, "not MODULE:CALLABLE"),
+        ({"wsgi": "mod:app"}, "either --wsgi"),
+    ],
+)
+def test_bad_combination_is_refused_naming_the_value(kw: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build(opts(**kw))
+    assert fragment in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_tcp_defaults_to_loopback_not_any_address() -> None:
+    cfg = build(opts(port=9000))
+    assert cfg.address == TcpAddress("127.0.0.1", 9000)
+
+
+def test_ipv6_address_with_port() -> None:
+    cfg = build(opts(address="::1", port=9000))
+    assert cfg.address == TcpAddress("::1", 9000)
+
+
+def test_socket_mode_defaults_to_0660_and_honours_m_exactly() -> None:
+    assert build(opts(socket="/tmp/a.sock")).bind.mode == 0o660
+    assert build(opts(socket="/tmp/a.sock", socket_mode="0777")).bind.mode == 0o777
+    assert parse_mode("600") == 0o600
+
+
+def test_no_socket_option_means_inherited() -> None:
+    cfg = build(Options(wsgi="hello:app"))
+    assert cfg.inherited and cfg.serves_in_process
+    assert not build(Options(wsgi="hello:app", workers=2)).serves_in_process
+    assert build(opts(fd=5)).address == FdAddress(5)
+
+
+def test_php_children_only_with_c() -> None:
+    assert "PHP_FCGI_CHILDREN" not in build(opts()).extra_env
+    assert build(opts(php_children=4)).extra_env["PHP_FCGI_CHILDREN"] == "4"
+
+
+def test_deprecated_f_runs_through_the_shell_and_is_ignored_with_command() -> None:
+    assert build(Options(app_path="/usr/bin/php-cgi")).command == (
+        "/bin/sh",
+        "-c",
+        "exec /usr/bin/php-cgi",
+    )
+    assert build(opts(app_path="/usr/bin/php-cgi")).command == CMD
+
+
+def test_socket_is_created_inside_the_chroot_unless_s() -> None:
+    cfg = build(opts(socket="/run/app.sock", chroot="/srv/jail", command=("app",)))
+    assert cfg.bind_address() == UnixAddress("/srv/jail/run/app.sock")
+    cfg = build(
+        opts(socket="/run/app.sock", chroot="/srv/jail", bind_before_chroot=True, command=("a",))
+    )
+    assert cfg.bind_address() == UnixAddress("/run/app.sock")
+
+
+def test_wsgi_worker_args_carry_the_runtime_options() -> None:
+    cfg = build(
+        Options(
+            wsgi="hello:app",
+            socket="/tmp/a.sock",
+            threads=8,
+            max_requests=100,
+            max_requests_jitter=10,
+            web_server_addrs="127.0.0.1, ::1",
+        )
+    )
+    assert cfg.runtime is not None
+    assert cfg.runtime.worker_args() == (
+        "--wsgi",
+        "hello:app",
+        "--threads",
+        "8",
+        "--max-requests",
+        "100",
+        "--max-requests-jitter",
+        "10",
+        "--graceful-timeout",
+        "30",
+        "--web-server-addrs",
+        "127.0.0.1,::1",
+    )
