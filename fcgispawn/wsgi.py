@@ -1,0 +1,903 @@
+"""PEP 3333 glue between a FastCGI request and a WSGI application.
+
+This module is deliberately ignorant of FastCGI records and sockets (it imports nothing from
+fcgispawn): the server hands it decoded PARAMS, a chunk source for the request body and a
+``send`` callback, and gets back CGI-format response bytes. That keeps the PEP 3333 rules here,
+testable without any I/O, and the framing in ``protocol.py``.
+
+Public API (the server builds on it):
+
+- ``build_environ(params, *, input, errors, multithread, multiprocess, url_scheme=None)``
+- ``InputStream(source)`` — ``wsgi.input`` streaming from ``source()`` chunks, ``b""`` at EOF
+- ``ErrorStream(sink)`` — ``wsgi.errors``: text in, UTF-8 bytes out through ``sink``
+- ``FileWrapper(filelike, blksize=65536)`` — ``wsgi.file_wrapper``
+- ``run_app(app, environ, send, *, log) -> int`` — call the app, send the response, app status
+- ``parse_app_spec(spec)`` / ``load_app(spec)`` / ``WSGIAppLoadError`` — ``--wsgi MODULE:CALLABLE``
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import traceback
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Final, Protocol, TypeAlias, cast
+from urllib.parse import unquote_to_bytes
+from wsgiref import types as wsgi_types
+
+__all__ = [
+    "ClientDisconnected",
+    "ErrorStream",
+    "FileWrapper",
+    "InputStream",
+    "InvalidResponseError",
+    "StartResponseError",
+    "WSGIAppLoadError",
+    "WSGIApplication",
+    "WSGIEnvironment",
+    "build_environ",
+    "load_app",
+    "parse_app_spec",
+    "run_app",
+]
+
+WSGIApplication: TypeAlias = wsgi_types.WSGIApplication
+WSGIEnvironment: TypeAlias = wsgi_types.WSGIEnvironment
+_ExcInfo: TypeAlias = (
+    tuple[type[BaseException], BaseException, types.TracebackType] | tuple[None, None, None]
+)
+
+#: Block size ``run_app`` reads a ``FileWrapper``'s file with (unless the app asked for more).
+#: A multiple of 65528 (the FastCGI record payload the server frames stdout in) so that only the
+#: last record of a file needs padding; big blocks mean fewer send calls per file.
+FILE_READ_SIZE: Final = 4 * 65528
+
+#: ``ErrorStream`` hands text on at each newline; a chatty app that never writes one still gets
+#: its output out once this much is pending, so memory stays bounded.
+ERROR_BUFFER_LIMIT: Final = 8192
+
+_INTERNAL_ERROR_BODY: Final = b"Internal Server Error"
+_INTERNAL_ERROR_RESPONSE: Final = (
+    b"Status: 500 Internal Server Error\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: " + str(len(_INTERNAL_ERROR_BODY)).encode("ascii") + b"\r\n"
+    b"\r\n" + _INTERNAL_ERROR_BODY
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class InvalidResponseError(ValueError):
+    """``start_response`` got a status or header that must never reach the wire.
+
+    Raised inside the application (PEP 3333 asks servers to check headers when
+    ``start_response`` is called, so the error surfaces while the app still runs); if the app
+    does not handle it, ``run_app`` logs it and answers 500.
+    """
+
+
+class StartResponseError(RuntimeError):
+    """``start_response`` was misused: called twice without ``exc_info``, or never called."""
+
+
+class ClientDisconnected(ConnectionError):
+    """The ``send`` callback failed: the peer is gone, so the response cannot be delivered.
+
+    Raised from the ``write()`` callable so that an app which streams through ``write()`` stops;
+    a subclass of ``ConnectionError`` so that apps treating I/O errors generically still do.
+    """
+
+
+class WSGIAppLoadError(Exception):
+    """The ``MODULE:CALLABLE`` spec could not be turned into a WSGI application.
+
+    ``str(err)`` is one line that names the spec and what went wrong; ``traceback_text`` is the
+    application's own traceback (import errors), so the caller can print the line and then the
+    traceback without catching anything itself.
+    """
+
+    def __init__(self, spec: str, message: str, *, traceback_text: str | None = None) -> None:
+        message = " ".join(message.split())  # one line, whatever the app's exception said
+        super().__init__(f"cannot load WSGI application {spec!r}: {message}")
+        self.spec = spec
+        self.message = message
+        self.traceback_text = traceback_text
+
+
+# --------------------------------------------------------------------------------------------
+# wsgi.input
+# --------------------------------------------------------------------------------------------
+
+
+class InputStream:
+    """``wsgi.input``: the request body, streamed from the server's chunk source.
+
+    At most one source chunk is held at any time (plus whatever a single ``read``/``readline``
+    call was asked to return), so a 1 GiB upload never sits in memory. The current chunk is kept
+    whole with a read offset instead of being re-sliced after each read: slicing the rest off
+    after every small read would copy it again and again (quadratic). Reads that line up with a
+    chunk return the chunk object itself, without a copy.
+
+    ``read``, ``readline`` and ``readlines`` follow ``io.BufferedReader`` semantics: ``read(n)``
+    returns ``n`` bytes unless the body ends first; a negative or ``None`` size means "to EOF".
+    """
+
+    __slots__ = ("_buf", "_eof", "_pos", "_source")
+
+    def __init__(self, source: Callable[[], bytes]) -> None:
+        self._source = source
+        self._buf = b""  # the current chunk; bytes before _pos are consumed
+        self._pos = 0
+        self._eof = False
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of body held in memory right now (the current chunk, consumed part included).
+
+        Exposed so that tests (and curious servers) can check that memory stays bounded.
+        """
+        return len(self._buf)
+
+    def _next_chunk(self) -> bytes:
+        """The next non-empty chunk, or ``b""`` at EOF; the source is never asked again after EOF
+        because a server-side source may block or raise once the stream has ended."""
+        if self._eof:
+            return b""
+        chunk = self._source()
+        if not chunk:
+            self._eof = True
+            return b""
+        if type(chunk) is not bytes:
+            # PEP 3333 promises bytes to the app; a bytearray/memoryview from a server would
+            # leak through read() otherwise.
+            chunk = bytes(chunk)
+        return chunk
+
+    def _take_rest(self) -> list[bytes]:
+        """Detach the unconsumed part of the current chunk (as a list, possibly empty)."""
+        buf, pos = self._buf, self._pos
+        self._buf = b""
+        self._pos = 0
+        if pos >= len(buf):
+            return []
+        return [buf[pos:] if pos else buf]
+
+    def _keep(self, chunk: bytes, pos: int) -> None:
+        """Make ``chunk`` the current chunk with ``pos`` bytes already consumed."""
+        if pos >= len(chunk):
+            self._buf = b""
+            self._pos = 0
+        else:
+            self._buf = chunk
+            self._pos = pos
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        """Read ``size`` bytes (fewer only at EOF); all the rest when ``size`` is negative."""
+        if size is None or size < 0:
+            parts = self._take_rest()
+            while chunk := self._next_chunk():
+                parts.append(chunk)
+            # bytes.join of a one-element list returns that element: a body that came in one
+            # chunk is returned without any copy.
+            return b"".join(parts)
+        if size == 0:
+            return b""
+        buf, pos = self._buf, self._pos
+        avail = len(buf) - pos
+        if avail >= size:
+            if pos == 0 and avail == size:
+                self._buf = b""
+                return buf
+            self._keep(buf, pos + size)
+            return buf[pos : pos + size]
+        parts = self._take_rest()
+        need = size - avail
+        while need > 0:
+            chunk = self._next_chunk()
+            if not chunk:
+                break
+            n = len(chunk)
+            if n <= need:
+                parts.append(chunk)
+                need -= n
+            else:
+                parts.append(chunk[:need])
+                self._keep(chunk, need)
+                need = 0
+        return b"".join(parts)
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        """Read one line including its ``\\n``, at most ``size`` bytes when ``size`` >= 0.
+
+        Each chunk is searched once, from where the previous search stopped, so a long line
+        spread over many chunks costs linear time.
+        """
+        if size is None:
+            size = -1
+        if size == 0:
+            return b""
+        buf, pos = self._buf, self._pos
+        end = len(buf)
+        limit = end if size < 0 else min(end, pos + size)
+        nl = buf.find(b"\n", pos, limit)
+        if nl >= 0 or limit < end:
+            cut = nl + 1 if nl >= 0 else limit
+            if pos == 0 and cut == end:
+                self._buf = b""
+                return buf
+            self._keep(buf, cut)
+            return buf[pos:cut]
+        parts = self._take_rest()
+        got = end - pos
+        while size < 0 or got < size:
+            chunk = self._next_chunk()
+            if not chunk:
+                break
+            n = len(chunk)
+            lim = n if size < 0 else min(n, size - got)
+            nl = chunk.find(b"\n", 0, lim)
+            if nl < 0 and lim == n:
+                parts.append(chunk)
+                got += n
+                continue
+            cut = nl + 1 if nl >= 0 else lim
+            parts.append(chunk[:cut])
+            self._keep(chunk, cut)
+            break
+        return b"".join(parts)
+
+    def readlines(self, hint: int | None = -1, /) -> list[bytes]:
+        """Read lines until EOF, or until their total size reaches ``hint`` (``io`` semantics:
+        the line that crosses ``hint`` is included)."""
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def readable(self) -> bool:
+        """Some frameworks probe file-likes with ``readable()`` before wrapping them."""
+        return True
+
+    def drain(self) -> int:
+        """Discard the rest of the body, chunk by chunk; returns how many bytes were skipped.
+
+        For a server that must consume the whole stdin stream before reusing a connection
+        without ever holding what the app did not read.
+        """
+        skipped = sum(len(part) for part in self._take_rest())
+        while chunk := self._next_chunk():
+            skipped += len(chunk)
+        return skipped
+
+
+# --------------------------------------------------------------------------------------------
+# wsgi.errors
+# --------------------------------------------------------------------------------------------
+
+
+class ErrorStream:
+    """``wsgi.errors``: text in, UTF-8 bytes out through ``sink`` (the server's FCGI_STDERR).
+
+    Line-buffered: web servers log each stderr record as one line ("FastCGI sent in stderr"),
+    so ``print(..., file=errors)``, which writes the text and the newline separately, would
+    otherwise become two log entries. ``flush()`` sends what is pending; ``run_app`` calls it
+    when the request ends. Encoding uses ``backslashreplace`` so that an app logging a string
+    with lone surrogates (e.g. an undecodable file name) never fails because of its log line.
+    A sink that raises ``OSError`` (the connection is gone) silences the stream instead of
+    turning a log line into an application error.
+    """
+
+    __slots__ = ("_broken", "_pending", "_pending_len", "_sink")
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
+        self._pending: list[str] = []
+        self._pending_len = 0
+        self._broken = False
+
+    def write(self, s: str, /) -> int:
+        """Queue ``s``; hand everything on if it contains a newline or too much is pending."""
+        if not isinstance(s, str):
+            raise TypeError(f"wsgi.errors.write() takes str, not {type(s).__name__}")
+        if s:
+            self._pending.append(s)
+            self._pending_len += len(s)
+            if "\n" in s or self._pending_len >= ERROR_BUFFER_LIMIT:
+                self.flush()
+        return len(s)
+
+    def writelines(self, seq: Iterable[str], /) -> None:
+        """Write each string of ``seq`` (no newlines added, as with ``io``)."""
+        for s in seq:
+            self.write(s)
+
+    def flush(self) -> None:
+        """Send what is pending, as one sink call."""
+        if not self._pending:
+            return
+        text = "".join(self._pending)
+        self._pending.clear()
+        self._pending_len = 0
+        if self._broken:
+            return
+        try:
+            self._sink(text.encode("utf-8", "backslashreplace"))
+        except OSError:
+            self._broken = True
+
+
+# --------------------------------------------------------------------------------------------
+# wsgi.file_wrapper
+# --------------------------------------------------------------------------------------------
+
+
+class _Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: iterates a file in ``blksize`` blocks, closes it in ``close()``.
+
+    ``run_app`` recognises it and reads the file in ``FILE_READ_SIZE`` blocks itself (sendfile
+    is impossible through FastCGI framing, big reads are the next best thing). Iterating it
+    directly, as any middleware may, works too.
+    """
+
+    __slots__ = ("blksize", "filelike")
+
+    def __init__(self, filelike: _Readable, blksize: int = 65536) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+    def close(self) -> None:
+        """Close the file if it can be closed (PEP 3333 requires forwarding ``close``)."""
+        close = getattr(self.filelike, "close", None)
+        if close is not None:
+            close()
+
+
+# --------------------------------------------------------------------------------------------
+# environ
+# --------------------------------------------------------------------------------------------
+
+_TRUE_HTTPS: Final = frozenset({"on", "1"})
+
+
+def _path_from_request_uri(uri: bytes) -> str:
+    """PATH_INFO as a CGI server would give it: the path part of REQUEST_URI, URL-decoded.
+
+    Decoding works on the raw bytes (``unquote_to_bytes`` on a ``str`` would UTF-8 encode
+    non-ASCII first), and the result is latin-1 decoded, as PEP 3333 wants for native strings.
+    """
+    path = uri.split(b"?", 1)[0].split(b"#", 1)[0]
+    if not path.startswith(b"/") and b"://" in path:
+        # absolute-form request target (http://host/path): keep only the path
+        rest = path.split(b"://", 1)[1]
+        slash = rest.find(b"/")
+        path = rest[slash:] if slash >= 0 else b"/"
+    return unquote_to_bytes(path).decode("latin-1")
+
+
+def build_environ(
+    params: Mapping[bytes, bytes],
+    *,
+    input: wsgi_types.InputStream,
+    errors: wsgi_types.ErrorStream,
+    multithread: bool,
+    multiprocess: bool,
+    url_scheme: str | None = None,
+) -> dict[str, Any]:
+    """Turn FastCGI PARAMS into a PEP 3333 environ.
+
+    Names and values are latin-1 decoded: that maps every byte to one code point, which is what
+    PEP 3333 calls a native string, and is lossless (``.encode("latin-1")`` gives the bytes back).
+    Missing CGI variables get the defaults WSGI apps rely on, so that an app never fails on
+    ``environ["SERVER_NAME"]`` because a web server's config left it out.
+    ``url_scheme`` overrides the HTTPS detection (for a server that knows better).
+    """
+    environ: dict[str, Any] = {k.decode("latin-1"): v.decode("latin-1") for k, v in params.items()}
+    get = environ.get
+
+    if not get("REQUEST_METHOD"):
+        environ["REQUEST_METHOD"] = "GET"
+
+    # CGI forbids HTTP_CONTENT_TYPE/LENGTH (and wsgiref.validate rejects them), but nginx passes
+    # every request header on as HTTP_*; the CGI variables are the authoritative ones.
+    http_ctype = environ.pop("HTTP_CONTENT_TYPE", None)
+    environ.pop("HTTP_CONTENT_LENGTH", None)
+    if "CONTENT_TYPE" not in environ and http_ctype:
+        environ["CONTENT_TYPE"] = http_ctype
+    # Web servers send CONTENT_LENGTH="" / CONTENT_TYPE="" for bodiless requests; PEP 3333
+    # says they "may be empty or absent", and absent is what apps test for.
+    if get("CONTENT_LENGTH") == "":
+        del environ["CONTENT_LENGTH"]
+    if get("CONTENT_TYPE") == "":
+        del environ["CONTENT_TYPE"]
+
+    script_name = get("SCRIPT_NAME")
+    path_info = get("PATH_INFO")
+    if script_name is None:
+        script_name = ""
+        request_uri = get("REQUEST_URI")
+        if not path_info and request_uri is not None:
+            # latin-1 round-trips, so this is the raw REQUEST_URI bytes again
+            path_info = _path_from_request_uri(request_uri.encode("latin-1"))
+    if path_info is None:
+        path_info = ""
+    if script_name.endswith("/"):
+        # PEP 3333: SCRIPT_NAME never ends in "/" ("/" must become "" with PATH_INFO "/"),
+        # the slash belongs to PATH_INFO.
+        script_name = script_name[:-1]
+        if not path_info.startswith("/"):
+            path_info = "/" + path_info
+    environ["SCRIPT_NAME"] = script_name
+    environ["PATH_INFO"] = path_info
+
+    if "QUERY_STRING" not in environ:
+        uri = get("REQUEST_URI", "")
+        environ["QUERY_STRING"] = uri.split("?", 1)[1].split("#", 1)[0] if "?" in uri else ""
+
+    if url_scheme is None:
+        https = get("HTTPS")
+        if (https is not None and https.lower() in _TRUE_HTTPS) or get(
+            "REQUEST_SCHEME", ""
+        ).lower() == "https":
+            url_scheme = "https"
+        else:
+            url_scheme = "http"
+
+    if not get("SERVER_NAME") or not get("SERVER_PORT"):
+        host = get("HTTP_HOST", "")
+        name, port = host, ""
+        colon = host.rfind(":")
+        if colon >= 0 and host.find("]", colon) < 0:  # a ":" that is not inside "[::1]"
+            name, port = host[:colon], host[colon + 1 :]
+        if not get("SERVER_NAME"):
+            environ["SERVER_NAME"] = name or "localhost"
+        if not get("SERVER_PORT"):
+            environ["SERVER_PORT"] = port or ("443" if url_scheme == "https" else "80")
+    if not get("SERVER_PROTOCOL"):
+        environ["SERVER_PROTOCOL"] = "HTTP/1.0"
+
+    environ["wsgi.version"] = (1, 0)
+    environ["wsgi.url_scheme"] = url_scheme
+    environ["wsgi.input"] = input
+    environ["wsgi.errors"] = errors
+    environ["wsgi.multithread"] = multithread
+    environ["wsgi.multiprocess"] = multiprocess
+    environ["wsgi.run_once"] = False
+    environ["wsgi.file_wrapper"] = FileWrapper
+    # The FastCGI stdin stream has an explicit end, so reading to EOF is safe even without
+    # CONTENT_LENGTH (chunked uploads).
+    environ["wsgi.input_terminated"] = True
+    return environ
+
+
+# --------------------------------------------------------------------------------------------
+# Response
+# --------------------------------------------------------------------------------------------
+
+_STATUS_OK: Final = re.compile(r"[1-9][0-9][0-9](?: [\t\x20-\x7e\x80-\xff]*)?").fullmatch
+_TOKEN_OK: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+# HTAB, SP, VCHAR, obs-text (RFC 9110 field-value): no CR/LF/NUL/other controls, and nothing
+# above U+00FF, so the latin-1 encoding of the head cannot fail.
+_VALUE_OK: Final = re.compile(r"[\t\x20-\x7e\x80-\xff]*").fullmatch
+
+
+_DIGITS_OK: Final = re.compile(r"[0-9]+").fullmatch
+
+# Validation results are cached for the few status strings and header names an app uses, so the
+# hot path pays a dict lookup instead of a regex match. Bounded, so that an app generating
+# header names cannot grow them without limit; values are checked every time (they vary).
+_CACHE_LIMIT: Final = 512
+_PLAIN: Final = 0
+_CONTENT_LENGTH: Final = 1
+_known_statuses: set[str] = set()
+_known_names: dict[str, int] = {}
+
+
+def _check_status(status: object) -> str:
+    if type(status) is str and status in _known_statuses:
+        return status
+    if not isinstance(status, str):
+        raise InvalidResponseError(f"status must be str, not {type(status).__name__}: {status!r}")
+    if _STATUS_OK(status) is None:
+        raise InvalidResponseError(
+            f"status must be a 3-digit code, a space and a reason phrase without control "
+            f"characters, e.g. '200 OK': {status!r}"
+        )
+    if len(_known_statuses) < _CACHE_LIMIT:
+        _known_statuses.add(status)
+    return status
+
+
+def _name_kind(name: object) -> int:
+    """Validate a header name: ``_CONTENT_LENGTH`` for that header, ``_PLAIN`` otherwise."""
+    if type(name) is str:
+        kind = _known_names.get(name)
+        if kind is not None:
+            return kind
+    if not isinstance(name, str) or _TOKEN_OK(name) is None:
+        raise InvalidResponseError(f"invalid response header name {name!r}")
+    lname = name.lower()
+    if lname == "status":
+        raise InvalidResponseError(
+            "a 'Status' header would clash with the CGI status line; pass the status as "
+            "start_response's first argument"
+        )
+    kind = _CONTENT_LENGTH if lname == "content-length" else _PLAIN
+    if len(_known_names) < _CACHE_LIMIT:
+        _known_names[name] = kind
+    return kind
+
+
+def _build_head(status: object, headers: object) -> tuple[bytes, int | None]:
+    """Validate status and headers and build the CGI head with one join and one encode.
+
+    Returns the head bytes and the declared Content-Length (None when absent). Raises
+    ``InvalidResponseError`` naming the offender, so a bad header never reaches the wire.
+    """
+    parts = ["Status: ", _check_status(status), "\r\n"]
+    if not isinstance(headers, list | tuple):
+        raise InvalidResponseError(f"headers must be a list, not {type(headers).__name__}")
+    content_length: int | None = None
+    for item in headers:
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise InvalidResponseError(f"each header must be a (name, value) tuple: {item!r}")
+        name, value = item
+        kind = _name_kind(name)
+        # printable ASCII is the common case and two C calls; the regex also admits HTAB and
+        # latin-1 obs-text, and rejects everything else.
+        if not isinstance(value, str) or not (
+            (value.isascii() and value.isprintable()) or _VALUE_OK(value) is not None
+        ):
+            raise InvalidResponseError(
+                f"invalid value for response header {name!r}: {value!r} (must be a latin-1 "
+                f"str without CR, LF, NUL or other control characters)"
+            )
+        if kind == _CONTENT_LENGTH:
+            if _DIGITS_OK(value.strip()) is None:
+                raise InvalidResponseError(f"invalid Content-Length {value!r}")
+            content_length = int(value)
+        parts += (name, ": ", value, "\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1"), content_length
+
+
+class _Response:
+    """The state of one response: what start_response set, and what has been sent.
+
+    A class rather than closures so the hot path (hello app) stays a handful of attribute
+    lookups and the rules live in one place.
+    """
+
+    __slots__ = (
+        "declared",
+        "head",
+        "head_sent",
+        "log",
+        "overflow",
+        "remaining",
+        "send",
+        "send_error",
+    )
+
+    def __init__(self, send: Callable[[list[bytes]], None], log: Callable[[str], None]) -> None:
+        self.send = send
+        self.log = log
+        self.head: bytes | None = None
+        self.head_sent = False
+        self.declared: int | None = None  # the Content-Length header's value
+        self.remaining: int | None = None  # Content-Length bytes still allowed
+        self.overflow = False  # the app produced more than its Content-Length
+        self.send_error: OSError | None = None  # why send() failed: the peer is gone
+
+    @property
+    def disconnected(self) -> bool:
+        return self.send_error is not None
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: _ExcInfo | None = None, /
+    ) -> Callable[[bytes], object]:
+        """PEP 3333 start_response: check now, send with the first non-empty body chunk."""
+        if exc_info is not None and exc_info[1] is not None:
+            try:
+                if self.head_sent:
+                    # Too late to change the status: PEP 3333 says re-raise so the app aborts.
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None  # break the frame <-> traceback cycle
+        elif self.head is not None:
+            raise StartResponseError("start_response() called a second time without exc_info")
+        self.head, self.declared = _build_head(status, headers)
+        self.remaining = self.declared
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """PEP 3333 write(): sent before returning (send() is synchronous)."""
+        if type(data) is not bytes:
+            raise TypeError(f"write() takes bytes, not {type(data).__name__}")
+        if self.disconnected:
+            raise ClientDisconnected("the client is gone; the response cannot be sent")
+        if self.overflow:
+            raise InvalidResponseError("write() past the declared Content-Length")
+        if data:
+            self.emit(data)
+            if self.overflow:
+                raise InvalidResponseError("write() past the declared Content-Length")
+
+    def emit(self, chunk: bytes) -> None:
+        """Send a non-empty body chunk, with the head in the same call if not yet sent."""
+        remaining = self.remaining
+        if remaining is not None:
+            if len(chunk) > remaining:
+                # PEP 3333: never send more than Content-Length (it would corrupt a kept-alive
+                # upstream connection's next response on the web server's side).
+                self.overflow = True
+                self.log(
+                    "WSGI application sent more body than its Content-Length header "
+                    f"({self.declared} bytes); the response was truncated"
+                )
+                chunk = chunk[:remaining]
+            self.remaining = remaining - len(chunk)
+        if self.head_sent:
+            if not chunk:
+                return
+            bufs = [chunk]
+        else:
+            head = self.head
+            if head is None:
+                raise StartResponseError("the application sent body before start_response()")
+            self.head_sent = True
+            bufs = [head, chunk] if chunk else [head]
+        self.transmit(bufs)
+
+    def finish(self) -> None:
+        """The iterable ended: send the head if no body chunk did (PEP 3333)."""
+        if not self.head_sent:
+            if self.head is None:
+                raise StartResponseError(
+                    "the application returned without calling start_response()"
+                )
+            self.head_sent = True
+            self.transmit([self.head])
+
+    def transmit(self, bufs: list[bytes]) -> None:
+        """Hand buffers to the server; a failed send means the peer is gone for good."""
+        if self.disconnected:
+            raise ClientDisconnected("the client is gone; the response cannot be sent")
+        try:
+            self.send(bufs)
+        except OSError as exc:
+            self.send_error = exc
+            raise ClientDisconnected(f"sending the response failed: {exc!r}") from exc
+
+
+def _format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip("\n")
+
+
+def run_app(
+    app: WSGIApplication,
+    environ: dict[str, Any],
+    send: Callable[[list[bytes]], None],
+    *,
+    log: Callable[[str], None],
+) -> int:
+    """Run one request through ``app`` and stream the CGI-format response to ``send``.
+
+    ``send`` gets lists of buffers (the server frames them into one writev): the head travels
+    with the first non-empty body chunk, so a one-chunk response is exactly one ``send`` call.
+    The result's ``close()`` is always called, whatever happens. Returns the app status for
+    END_REQUEST: 0 when the whole response went out, 1 otherwise (app error, invalid
+    status/header, client gone). Problems go to ``log`` (one call each, tracebacks included) and
+    never into the response body: a failure before anything was sent becomes a plain 500.
+    Exceptions that are not ``Exception`` (KeyboardInterrupt, SystemExit) propagate after
+    ``close()``, for the server to decide.
+    """
+    resp = _Response(send, log)
+    errors = environ.get("wsgi.errors")
+    result: Iterable[bytes] | None = None
+    failed = False
+    try:
+        result = app(environ, resp.start_response)
+        if not resp.disconnected:  # the app may have hit a dead peer through write() already
+            _send_result(resp, result)
+    except ClientDisconnected as exc:
+        if not resp.disconnected:  # raised by the app itself, not by our send
+            failed = True
+            _report(resp, exc)
+    except Exception as exc:
+        failed = True
+        _report(resp, exc)
+    finally:
+        if result is not None and type(result) is not list:  # (lists have no close: skip lookup)
+            close = getattr(result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception as exc:
+                    failed = True
+                    log(f"error in the WSGI application's close():\n{_format_exception(exc)}")
+        if errors is not None:
+            try:
+                errors.flush()
+            except Exception as exc:
+                log(f"error flushing wsgi.errors: {exc!r}")
+    if resp.send_error is not None:
+        log(f"client went away before the response was complete: {resp.send_error!r}")
+    return 1 if failed or resp.overflow or resp.disconnected else 0
+
+
+def _send_result(resp: _Response, result: Iterable[bytes]) -> None:
+    """Send the app's iterable: one send per non-empty chunk, the head with the first."""
+    rtype = type(result)
+    if (rtype is list or rtype is tuple) and len(single := cast("list[bytes]", result)) == 1:
+        # The common "return [body]": head and body in one send, no iterator.
+        chunk = single[0]
+        if type(chunk) is not bytes:
+            raise TypeError(f"the application's iterable yielded {type(chunk).__name__}, not bytes")
+        if chunk:
+            resp.emit(chunk)
+    elif rtype is FileWrapper:
+        wrapper = cast(FileWrapper, result)
+        read = wrapper.filelike.read
+        size = max(wrapper.blksize, FILE_READ_SIZE)
+        while not resp.overflow:
+            chunk = read(size)
+            if not chunk:
+                break
+            if type(chunk) is not bytes:
+                raise TypeError(
+                    f"wsgi.file_wrapper's file returned {type(chunk).__name__}, not bytes"
+                )
+            resp.emit(chunk)
+    else:
+        if isinstance(result, bytes | str):
+            # Iterating bytes yields ints: name the real mistake instead of "yielded int".
+            raise TypeError(
+                f"the application returned {type(result).__name__}; return an iterable of "
+                f"bytes, e.g. [body]"
+            )
+        for chunk in result:
+            if type(chunk) is not bytes:
+                raise TypeError(
+                    f"the application's iterable yielded {type(chunk).__name__}, not bytes"
+                )
+            if chunk:
+                resp.emit(chunk)
+                if resp.overflow:
+                    break
+    resp.finish()
+
+
+def _report(resp: _Response, exc: Exception) -> None:
+    """Log an application failure and, if nothing was sent yet, answer a bare 500."""
+    if resp.disconnected:
+        resp.log(
+            f"error in the WSGI application after the client went away:\n{_format_exception(exc)}"
+        )
+        return
+    if resp.head_sent:
+        resp.log(
+            "error in the WSGI application after the response started; it is truncated:\n"
+            + _format_exception(exc)
+        )
+        return
+    resp.log(f"error in the WSGI application, answering 500:\n{_format_exception(exc)}")
+    resp.head_sent = True
+    try:
+        resp.send([_INTERNAL_ERROR_RESPONSE])
+    except OSError as send_exc:
+        resp.send_error = send_exc
+
+
+# --------------------------------------------------------------------------------------------
+# Loading the application
+# --------------------------------------------------------------------------------------------
+
+
+def _dotted_ok(text: str) -> bool:
+    return bool(text) and all(part.isidentifier() for part in text.split("."))
+
+
+def parse_app_spec(spec: str) -> tuple[str, str]:
+    """Split ``"pkg.module:attr.path"`` into ``("pkg.module", "attr.path")``.
+
+    Without a colon the attribute defaults to ``application`` (the mod_wsgi/gunicorn
+    convention). Raises ``WSGIAppLoadError`` for anything that is not a dotted module name and
+    a dotted attribute path, so the user sees the mistake before any import runs.
+    """
+    module, sep, attr = spec.strip().partition(":")
+    if not sep:
+        attr = "application"
+    if "(" in attr:
+        raise WSGIAppLoadError(
+            spec,
+            "calling a factory is not supported; create the application in the module "
+            "(e.g. 'app = create_app()') and name that object",
+        )
+    if not _dotted_ok(module) or not _dotted_ok(attr):
+        raise WSGIAppLoadError(
+            spec,
+            "expected MODULE:CALLABLE with dotted Python names, e.g. 'myproject.wsgi:application'",
+        )
+    return module, attr
+
+
+def load_app(spec: str) -> WSGIApplication:
+    """Import ``MODULE`` and return ``CALLABLE`` (a dotted attribute path) from it.
+
+    Nothing is ever called: a factory function (``create_app``) is returned as it is, so the
+    spec must name the application object itself. Every failure becomes ``WSGIAppLoadError``
+    with the spec in its message and, when the app's own code failed, its traceback.
+    """
+    module_name, attr = parse_app_spec(spec)
+    try:
+        module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:
+        tb = _format_exception(exc)
+        if (
+            isinstance(exc, ModuleNotFoundError)
+            and exc.name is not None
+            and (module_name == exc.name or module_name.startswith(exc.name + "."))
+        ):
+            raise WSGIAppLoadError(
+                spec,
+                f"no module named {exc.name!r} (is its directory on sys.path / PYTHONPATH, "
+                f"or the working directory set with --chdir?)",
+                traceback_text=tb,
+            ) from exc
+        raise WSGIAppLoadError(
+            spec,
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}",
+            traceback_text=tb,
+        ) from exc
+    obj: object = module
+    done = module_name
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            hint = ""
+            if isinstance(obj, types.ModuleType):
+                hint = f" (a submodule must be part of the module name: '{done}.{part}:...')"
+            raise WSGIAppLoadError(spec, f"{done!r} has no attribute {part!r}{hint}") from exc
+        except Exception as exc:
+            raise WSGIAppLoadError(
+                spec,
+                f"getting {part!r} from {done!r} failed: {type(exc).__name__}: {exc}",
+                traceback_text=_format_exception(exc),
+            ) from exc
+        done = f"{done}:{part}" if done == module_name else f"{done}.{part}"
+    if not callable(obj):
+        raise WSGIAppLoadError(
+            spec, f"{done!r} is a {type(obj).__name__}, not a callable WSGI application"
+        )
+    return cast(WSGIApplication, obj)
