@@ -18,6 +18,7 @@ def app(
     name = environ.get("QUERY_STRING", "").partition("name=")[2] or "world"
     body = f"Hello, {name}! (fcgispawn worker pid {os.getpid()})\n".encode()
     start_response(
-        "200 OK", [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+        "200 OK",
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
     )
     return [body]
