@@ -1,0 +1,885 @@
+"""Sans-IO FastCGI 1.0: bytes in, events out; calls in, bytes out.
+
+Why sans-IO: the same code serves the threaded responder, the test client and the fuzzer, and
+every byte of it can be tested without a socket. This module therefore imports nothing from
+fcgispawn and knows no sockets, threads, os or logging. Names and values stay ``bytes``: the
+WSGI layer decides how to decode them.
+
+Why it looks the way it does (DESIGN.md "Fast paths"): parsing happens on one ``bytearray``
+with a read offset and precompiled ``struct.Struct.unpack_from`` calls, so a record costs one
+header unpack and one slice for its payload; when the receive buffer is empty (the common case:
+nginx sends BEGIN_REQUEST, PARAMS, the empty PARAMS and the empty STDIN in one segment) the
+caller's bytes are parsed in place and nothing is copied into the buffer at all. Output is a
+list of buffers for one ``socket.sendmsg`` (writev); body chunks are 65528 bytes (a multiple of
+8) so only the last record of a stream needs padding.
+
+Any input either parses or raises :class:`ProtocolError` -- nothing else (IndexError,
+struct.error, MemoryError...). A property test and an atheris fuzzer hold this.
+
+Where the spec leaves room, these are the decisions (each pinned by tests/test_protocol.py):
+- STDIN (or FCGI_DATA) before the end of PARAMS is a ProtocolError: §6 orders the streams, every
+  real server sends PARAMS first, and the app needs its environ before its body.
+- FCGI_DATA for a non-FILTER request, BEGIN_REQUEST for an active id, a BEGIN_REQUEST body that
+  is not 8 bytes, ABORT_REQUEST with a body, a stream record after its stream ended, or a
+  record type the web server never sends (STDOUT, END_REQUEST...) on an active id: ProtocolError.
+- Records for inactive ids are ignored whatever their type (§3.3); only the header is checked.
+- Any record on id 0 other than GET_VALUES is answered UNKNOWN_TYPE (§4.2), BEGIN_REQUEST too.
+- A rejected request (UNKNOWN_ROLE, CANT_MPX_CONN, OVERLOADED) without KEEP_CONN ends like any
+  other: should_close becomes True.
+- A name given twice in PARAMS: the last one wins, as when a CGI environ is built.
+- A 4-byte length for a short name or value is accepted (the spec says "can", not "must").
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+__all__ = [
+    "FCGI_HEADER_LEN",
+    "FCGI_KEEP_CONN",
+    "FCGI_MAX_CONTENT",
+    "FCGI_NULL_REQUEST_ID",
+    "FCGI_VERSION_1",
+    "STDOUT_CHUNK",
+    "AbortRequest",
+    "BeginRequest",
+    "Buffer",
+    "ClientConnection",
+    "ClientEvent",
+    "Data",
+    "EndRequest",
+    "Event",
+    "GetValuesResult",
+    "Limits",
+    "Params",
+    "ProtocolError",
+    "ProtocolStatus",
+    "RecordType",
+    "Role",
+    "ServerConnection",
+    "StderrData",
+    "Stdin",
+    "StdoutData",
+    "UnknownType",
+    "decode_pairs",
+    "encode_abort_request",
+    "encode_begin_request",
+    "encode_get_values",
+    "encode_pairs",
+    "encode_record",
+    "encode_request",
+    "encode_response",
+    "encode_stream",
+]
+
+FCGI_VERSION_1: Final = 1
+FCGI_HEADER_LEN: Final = 8
+FCGI_MAX_CONTENT: Final = 65535
+#: Largest multiple of 8 that fits a record: full chunks need no padding, only the last one pads.
+STDOUT_CHUNK: Final = 65528
+FCGI_NULL_REQUEST_ID: Final = 0
+FCGI_KEEP_CONN: Final = 1
+
+
+class RecordType(IntEnum):
+    """FCGI record types (spec §8)."""
+
+    BEGIN_REQUEST = 1
+    ABORT_REQUEST = 2
+    END_REQUEST = 3
+    PARAMS = 4
+    STDIN = 5
+    STDOUT = 6
+    STDERR = 7
+    DATA = 8
+    GET_VALUES = 9
+    GET_VALUES_RESULT = 10
+    UNKNOWN_TYPE = 11
+
+
+class Role(IntEnum):
+    """Roles of FCGI_BEGIN_REQUEST (spec §5.1)."""
+
+    RESPONDER = 1
+    AUTHORIZER = 2
+    FILTER = 3
+
+
+class ProtocolStatus(IntEnum):
+    """protocolStatus of FCGI_END_REQUEST (spec §5.5)."""
+
+    REQUEST_COMPLETE = 0
+    CANT_MPX_CONN = 1
+    OVERLOADED = 2
+    UNKNOWN_ROLE = 3
+
+
+class ProtocolError(Exception):
+    """The peer broke FastCGI. The only exception any input can raise; close the connection."""
+
+
+# Why these defaults (each is a cap on what a peer can make us hold, not a tuning knob):
+# - max_params_bytes = 1 MiB: PARAMS carry the HTTP request headers plus ~20 CGI variables.
+#   Apache's defaults allow LimitRequestFields 100 x LimitRequestFieldSize 8190 ~= 800 KiB of
+#   headers; nginx refuses more than large_client_header_buffers 4 x 8k = 32 KiB; lighttpd's
+#   server.max-request-field-size defaults to 8 KiB. 1 MiB fits every real server with room to
+#   spare, while a hostile peer cannot make a request hold more.
+# - max_requests_per_conn = 64: no real web server multiplexes (nginx, lighttpd and Apache all
+#   use request id 1, see shared/reference/fastcgi.md), so this only bounds what a hostile or
+#   test peer can pin on one connection: 64 x 1 MiB of PARAMS at worst.
+# - max_conns / max_reqs = 1024: what GET_VALUES reports; 1024 matches the default listen
+#   backlog, and the server passes its real numbers.
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one connection accepts, and what GET_VALUES reports (spec §4.1).
+
+    ``max_reqs`` is enforced only when ServerConnection gets ``active_elsewhere`` (the number
+    of requests active on the server's other connections); ``max_requests_per_conn`` always.
+    """
+
+    max_conns: int = 1024
+    max_reqs: int = 1024
+    mpxs_conns: bool = True
+    max_requests_per_conn: int = 64
+    max_params_bytes: int = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+@dataclass(frozen=True, slots=True)
+class BeginRequest:
+    """A request was accepted; only accepted requests produce this (rejections are answered)."""
+
+    request_id: int
+    role: Role
+    keep_conn: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """The whole PARAMS stream, decoded once when its empty record arrives (last name wins)."""
+
+    request_id: int
+    params: dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Stdin:
+    """One STDIN record's payload; ``b""`` is the end of the stream.
+
+    One event per record, never merged, so the events do not depend on how bytes were chunked.
+    """
+
+    request_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """One FCGI_DATA record's payload (FILTER role only); ``b""`` is the end of the stream."""
+
+    request_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    """The web server gave up on this request; the app stops and the server calls end_request."""
+
+    request_id: int
+
+
+Event = BeginRequest | Params | Stdin | Data | AbortRequest
+
+
+@dataclass(frozen=True, slots=True)
+class StdoutData:
+    """Client side: one STDOUT record's payload; ``b""`` ends the stream."""
+
+    request_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StderrData:
+    """Client side: one STDERR record's payload; ``b""`` ends the stream."""
+
+    request_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndRequest:
+    """Client side: the application finished (or rejected) a request."""
+
+    request_id: int
+    app_status: int
+    protocol_status: ProtocolStatus
+
+
+@dataclass(frozen=True, slots=True)
+class GetValuesResult:
+    """Client side: the answer to GET_VALUES."""
+
+    values: dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownType:
+    """Client side: the application did not understand a management record of this type."""
+
+    record_type: int
+
+
+ClientEvent = StdoutData | StderrData | EndRequest | GetValuesResult | UnknownType
+
+#: What output functions accept and return, ready for socket.sendmsg: headers and padding as
+#: bytes, the caller's data as given or as zero-copy memoryview slices of it.
+Buffer = bytes | bytearray | memoryview
+
+# ---------------------------------------------------------------------------------------------
+# Wire structures (precompiled: a Struct call is several times cheaper than struct.pack(fmt)).
+
+_HEADER: Final = struct.Struct("!BBHHBx")
+_BEGIN_BODY: Final = struct.Struct("!HB5x")
+_END_BODY: Final = struct.Struct("!IB3x")
+_UNKNOWN_BODY: Final = struct.Struct("!B7x")
+_U32: Final = struct.Struct("!I")
+_PAD: Final = tuple(b"\0" * n for n in range(8))
+# Padding of the last STDOUT record + empty STDOUT + END_REQUEST, in one pack call, and the
+# same with an empty STDERR terminator: the tail of every response is a single bytes object.
+_TAIL: Final = tuple(struct.Struct(f"!{n}xBBHHBxBBHHBxIB3x") for n in range(8))
+_TAIL_ERR: Final = tuple(struct.Struct(f"!{n}xBBHHBxBBHHBxBBHHBxIB3x") for n in range(8))
+
+# Plain ints for the hot loop: comparing to an IntEnum member goes through __eq__ lookups.
+_BEGIN: Final = 1
+_ABORT: Final = 2
+_END: Final = 3
+_PARAMS: Final = 4
+_STDIN: Final = 5
+_STDOUT: Final = 6
+_STDERR: Final = 7
+_DATA: Final = 8
+_GET_VALUES: Final = 9
+_GET_VALUES_RESULT: Final = 10
+_UNKNOWN_TYPE: Final = 11
+
+# Dict lookups instead of Role(x): calling an IntEnum by value is slow, and unknown values
+# must not raise ValueError.
+_ROLES: Final = {int(r): r for r in Role}
+_PSTATUS: Final = {int(s): s for s in ProtocolStatus}
+_MAX_PAIR_LEN: Final = 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# Name-value pairs (spec §3.4)
+
+
+def decode_pairs(block: bytes | bytearray | memoryview) -> dict[bytes, bytes]:
+    """Decode a complete name-value block; a later duplicate name wins, as in a CGI environ.
+
+    Every length is checked against what is left before anything is sliced, so a claimed 2 GiB
+    length costs nothing: it raises ProtocolError without allocating.
+    """
+    data = block if type(block) is bytes else bytes(block)
+    n = len(data)
+    i = 0
+    out: dict[bytes, bytes] = {}
+    unpack = _U32.unpack_from
+    while i < n:
+        nlen = data[i]
+        if nlen & 0x80:
+            if i + 4 > n:
+                raise ProtocolError("name-value pair: truncated 4-byte name length")
+            nlen = unpack(data, i)[0] & 0x7FFFFFFF
+            i += 4
+        else:
+            i += 1
+        if i >= n:
+            raise ProtocolError("name-value pair: value length missing")
+        vlen = data[i]
+        if vlen & 0x80:
+            if i + 4 > n:
+                raise ProtocolError("name-value pair: truncated 4-byte value length")
+            vlen = unpack(data, i)[0] & 0x7FFFFFFF
+            i += 4
+        else:
+            i += 1
+        mid = i + nlen
+        end = mid + vlen
+        if end > n:
+            raise ProtocolError(
+                f"name-value pair: lengths {nlen}+{vlen} exceed the {n - i} bytes left"
+            )
+        out[data[i:mid]] = data[mid:end]
+        i = end
+    return out
+
+
+def _pair_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    if n > _MAX_PAIR_LEN:
+        raise ValueError(f"name-value length {n} exceeds 2**31-1")
+    return _U32.pack(n | 0x80000000)
+
+
+def encode_pairs(pairs: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Encode name-value pairs with the shortest length forms (1 byte up to 127, else 4)."""
+    items = pairs.items() if isinstance(pairs, Mapping) else pairs
+    parts: list[bytes] = []
+    for name, value in items:
+        parts.append(_pair_len(len(name)))
+        parts.append(_pair_len(len(value)))
+        parts.append(bytes(name))
+        parts.append(bytes(value))
+    return b"".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding records (both directions)
+
+
+def encode_record(
+    rtype: RecordType | int, request_id: int, content: bytes = b"", *, pad: bool = True
+) -> bytes:
+    """One record; ``pad`` aligns it to 8 bytes as the spec recommends.
+
+    ValueError (a caller bug, not peer input) if the content does not fit one record.
+    """
+    n = len(content)
+    if n > FCGI_MAX_CONTENT:
+        raise ValueError(f"record content of {n} bytes exceeds {FCGI_MAX_CONTENT}")
+    padding = -n & 7 if pad else 0
+    return _HEADER.pack(FCGI_VERSION_1, rtype, request_id, n, padding) + content + _PAD[padding]
+
+
+def encode_stream(rtype: RecordType | int, request_id: int, data: bytes) -> bytes:
+    """A whole stream: records of up to STDOUT_CHUNK bytes, then the empty terminator."""
+    parts = [
+        encode_record(rtype, request_id, data[i : i + STDOUT_CHUNK])
+        for i in range(0, len(data), STDOUT_CHUNK)
+    ]
+    parts.append(_HEADER.pack(FCGI_VERSION_1, rtype, request_id, 0, 0))
+    return b"".join(parts)
+
+
+def encode_begin_request(
+    request_id: int, role: Role = Role.RESPONDER, keep_conn: bool = False
+) -> bytes:
+    """A BEGIN_REQUEST record (spec §5.1)."""
+    body = _BEGIN_BODY.pack(role, FCGI_KEEP_CONN if keep_conn else 0)
+    return _HEADER.pack(FCGI_VERSION_1, _BEGIN, request_id, 8, 0) + body
+
+
+def encode_abort_request(request_id: int) -> bytes:
+    """An ABORT_REQUEST record (spec §5.4)."""
+    return _HEADER.pack(FCGI_VERSION_1, _ABORT, request_id, 0, 0)
+
+
+def encode_get_values(names: Iterable[bytes]) -> bytes:
+    """A GET_VALUES management record: the names, each with an empty value (spec §4.1)."""
+    return encode_record(_GET_VALUES, FCGI_NULL_REQUEST_ID, encode_pairs((n, b"") for n in names))
+
+
+def encode_request(
+    request_id: int,
+    params: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],
+    stdin: bytes = b"",
+    *,
+    role: Role = Role.RESPONDER,
+    keep_conn: bool = False,
+    data: bytes = b"",
+) -> bytes:
+    """Everything a web server sends for one request: BEGIN, PARAMS, STDIN (and DATA for FILTER)."""
+    out = (
+        encode_begin_request(request_id, role, keep_conn)
+        + encode_stream(_PARAMS, request_id, encode_pairs(params))
+        + encode_stream(_STDIN, request_id, stdin)
+    )
+    if role == Role.FILTER:
+        out += encode_stream(_DATA, request_id, data)
+    return out
+
+
+def _nbytes(buf: Buffer) -> int:
+    return buf.nbytes if type(buf) is memoryview else len(buf)
+
+
+def _frame_into(out: list[Buffer], rtype: int, request_id: int, buffers: Iterable[Buffer]) -> int:
+    """Append records holding ``buffers`` (headers + the caller's buffers or slices of them).
+
+    Returns the padding the last record still needs, so the caller can merge it with what
+    follows (the response tail) instead of sending a separate 1..7-byte buffer.
+    """
+    bufs = buffers if isinstance(buffers, list | tuple) else list(buffers)
+    total = 0
+    for b in bufs:
+        total += _nbytes(b)
+    if total == 0:
+        return 0
+    pack = _HEADER.pack
+    if total <= STDOUT_CHUNK:
+        pad = -total & 7
+        out.append(pack(FCGI_VERSION_1, rtype, request_id, total, pad))
+        out.extend(b for b in bufs if b)
+        return pad
+    remaining = total
+    room = 0
+    for b in bufs:
+        mv = memoryview(b)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        size = len(mv)
+        off = 0
+        while off < size:
+            if room == 0:
+                room = min(STDOUT_CHUNK, remaining)
+                remaining -= room
+                out.append(pack(FCGI_VERSION_1, rtype, request_id, room, -room & 7))
+            take = min(room, size - off)
+            out.append(mv if take == size else mv[off : off + take])
+            off += take
+            room -= take
+    # Only the last record can be short; every earlier one is exactly STDOUT_CHUNK bytes.
+    return -(total % STDOUT_CHUNK) & 7
+
+
+def _end_tail(pad: int, request_id: int, app_status: int, status: int, stderr_used: bool) -> bytes:
+    if stderr_used:
+        return _TAIL_ERR[pad].pack(
+            FCGI_VERSION_1, _STDOUT, request_id, 0, 0,
+            FCGI_VERSION_1, _STDERR, request_id, 0, 0,
+            FCGI_VERSION_1, _END, request_id, 8, 0,
+            app_status & 0xFFFFFFFF, status,
+        )  # fmt: skip
+    return _TAIL[pad].pack(
+        FCGI_VERSION_1, _STDOUT, request_id, 0, 0,
+        FCGI_VERSION_1, _END, request_id, 8, 0,
+        app_status & 0xFFFFFFFF, status,
+    )  # fmt: skip
+
+
+def encode_response(
+    request_id: int,
+    body: Iterable[Buffer],
+    app_status: int = 0,
+    *,
+    stderr_used: bool = False,
+    status: ProtocolStatus = ProtocolStatus.REQUEST_COMPLETE,
+) -> list[Buffer]:
+    """STDOUT records for ``body`` + empty STDOUT (+ empty STDERR) + END_REQUEST, as buffers.
+
+    A body up to 65528 bytes becomes ``[header, *body, tail]``: one sendmsg for the whole
+    response. Stateless; ServerConnection.respond() is the same with the id bookkeeping.
+    """
+    out: list[Buffer] = []
+    pad = _frame_into(out, _STDOUT, request_id, body)
+    out.append(_end_tail(pad, request_id, app_status, status, stderr_used))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Application side
+
+
+class _Request:
+    """Mutable per-request state (slotted, not a dataclass: it changes on every record)."""
+
+    __slots__ = (
+        "aborted",
+        "data_open",
+        "keep_conn",
+        "params",
+        "params_size",
+        "role",
+        "stderr_used",
+        "stdin_open",
+    )
+
+    def __init__(self, role: Role, keep_conn: bool) -> None:
+        self.role = role
+        self.keep_conn = keep_conn
+        self.params: list[bytes] | None = []  # None once the PARAMS stream has ended
+        self.params_size = 0
+        self.stdin_open = True
+        self.data_open = role == Role.FILTER
+        self.stderr_used = False
+        self.aborted = False
+
+
+class _Reader:
+    """The receive buffer shared by both sides: one bytearray and a read offset.
+
+    When nothing is buffered the caller's bytes are parsed in place; only an incomplete tail
+    is copied. The buffer is compacted only once the offset passes half of it, so a stream of
+    small reads costs O(n), never the quadratic ``data = data[n:]``.
+    """
+
+    __slots__ = ("_buf", "_failed", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._failed = False
+
+    def _parse(self, view: bytes | memoryview, pos: int, end: int, events: list[object]) -> int:
+        raise NotImplementedError
+
+    def _feed(self, data: bytes | bytearray | memoryview, events: list[object]) -> None:
+        if self._failed:
+            raise ProtocolError("connection already failed")
+        buf = self._buf
+        try:
+            if self._pos == len(buf):
+                if type(data) is bytes:
+                    pos = self._parse(data, 0, len(data), events)
+                    if pos < len(data):  # keep the incomplete tail; the buffer was empty
+                        buf[:] = memoryview(data)[pos:]
+                    return
+                with memoryview(data) as mv:
+                    flat = mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+                    pos = self._parse(flat, 0, len(flat), events)
+                    buf[:] = flat[pos:]
+                    self._pos = 0
+                return
+            buf += data
+            with memoryview(buf) as mv:
+                pos = self._parse(mv, self._pos, len(mv), events)
+            if pos == len(buf):
+                buf.clear()
+                pos = 0
+            elif pos > len(buf) >> 1:
+                del buf[:pos]
+                pos = 0
+            self._pos = pos
+        except ProtocolError:
+            self._failed = True
+            raise
+        except (ValueError, TypeError, OverflowError, IndexError, KeyError, struct.error) as exc:
+            # Defence in depth: a bug must not let malformed input escape as another type. The
+            # original stays chained as __cause__, which the property tests and fuzzer reject.
+            self._failed = True
+            raise ProtocolError(f"malformed input: {exc}") from exc
+
+
+class ServerConnection(_Reader):
+    """The application side of one transport connection.
+
+    Not thread-safe: the server serialises calls on one connection (it writes whole records
+    under one lock anyway). After a ProtocolError the connection is dead: close it.
+    """
+
+    __slots__ = ("_active_elsewhere", "_limits", "_pending", "_requests", "_should_close")
+
+    def __init__(
+        self,
+        limits: Limits = Limits(),  # frozen, so one shared default is safe
+        *,
+        active_elsewhere: Callable[[], int] | None = None,
+    ) -> None:
+        """``active_elsewhere()`` returns how many requests are active on the server's OTHER
+        connections; with it, a BEGIN_REQUEST that would take the server past
+        ``limits.max_reqs`` is answered OVERLOADED."""
+        super().__init__()
+        self._limits = limits
+        self._active_elsewhere = active_elsewhere
+        self._requests: dict[int, _Request] = {}
+        self._pending = bytearray()
+        self._should_close = False
+
+    # -- input ----------------------------------------------------------------------------
+
+    def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes in any chunking; returns the events of every complete record.
+
+        ``data`` is not referenced after the call returns (a recv_into buffer may be reused).
+        """
+        events: list[Event] = []
+        self._feed(data, events)  # type: ignore[arg-type]
+        return events
+
+    def _parse(self, view: bytes | memoryview, pos: int, end: int, events: list[object]) -> int:
+        requests = self._requests
+        unpack = _HEADER.unpack_from
+        append = events.append
+        while end - pos >= 8:
+            version, rtype, rid, clen, plen = unpack(view, pos)
+            if version != FCGI_VERSION_1:
+                raise ProtocolError(f"unsupported FastCGI version {version}")
+            start = pos + 8
+            stop = start + clen
+            nxt = stop + plen
+            if nxt > end:
+                break
+            pos = nxt
+            if rid == 0:
+                self._management(rtype, view[start:stop])
+                continue
+            req = requests.get(rid)
+            if req is None:
+                if rtype == _BEGIN:
+                    if clen != 8:
+                        raise ProtocolError(
+                            f"request {rid}: BEGIN_REQUEST body of {clen} bytes, not 8"
+                        )
+                    role_value, flags = _BEGIN_BODY.unpack_from(view, start)
+                    self._begin(rid, role_value, flags & FCGI_KEEP_CONN == FCGI_KEEP_CONN, append)
+                # Records for inactive ids are ignored (spec §3.3).
+                continue
+            if rtype == _PARAMS:
+                parts = req.params
+                if parts is None:
+                    raise ProtocolError(f"request {rid}: PARAMS after the end of PARAMS")
+                if clen:
+                    size = req.params_size + clen
+                    if size > self._limits.max_params_bytes:
+                        raise ProtocolError(
+                            f"request {rid}: PARAMS exceed {self._limits.max_params_bytes} bytes"
+                        )
+                    req.params_size = size
+                    parts.append(bytes(view[start:stop]))
+                else:
+                    req.params = None
+                    block = parts[0] if len(parts) == 1 else b"".join(parts)
+                    append(Params(rid, decode_pairs(block)))
+            elif rtype == _STDIN:
+                if req.params is not None:
+                    # Spec §6.2: a responder receives PARAMS, then STDIN. Every real server
+                    # ends PARAMS first; accepting STDIN earlier would hand the app a body
+                    # before its environ, so it is refused.
+                    raise ProtocolError(f"request {rid}: STDIN before the end of PARAMS")
+                if not req.stdin_open:
+                    raise ProtocolError(f"request {rid}: STDIN after the end of STDIN")
+                if not clen:
+                    req.stdin_open = False
+                append(Stdin(rid, bytes(view[start:stop])))
+            elif rtype == _DATA:
+                if req.role != Role.FILTER:
+                    raise ProtocolError(f"request {rid}: FCGI_DATA for a non-FILTER request")
+                if req.params is not None:
+                    raise ProtocolError(f"request {rid}: FCGI_DATA before the end of PARAMS")
+                if not req.data_open:
+                    raise ProtocolError(f"request {rid}: FCGI_DATA after the end of FCGI_DATA")
+                if not clen:
+                    req.data_open = False
+                append(Data(rid, bytes(view[start:stop])))
+            elif rtype == _ABORT:
+                if clen:
+                    raise ProtocolError(f"request {rid}: ABORT_REQUEST with a body")
+                if not req.aborted:
+                    req.aborted = True
+                    append(AbortRequest(rid))
+            elif rtype == _BEGIN:
+                raise ProtocolError(f"request {rid}: BEGIN_REQUEST for an active request")
+            else:
+                raise ProtocolError(f"request {rid}: unexpected record type {rtype}")
+        return pos
+
+    def _begin(
+        self, rid: int, role_value: int, keep_conn: bool, append: Callable[[BeginRequest], None]
+    ) -> None:
+        role = _ROLES.get(role_value)
+        limits = self._limits
+        requests = self._requests
+        if role is None:
+            self._reject(rid, ProtocolStatus.UNKNOWN_ROLE, keep_conn)
+        elif requests and not limits.mpxs_conns:
+            self._reject(rid, ProtocolStatus.CANT_MPX_CONN, keep_conn)
+        elif len(requests) >= limits.max_requests_per_conn or (
+            self._active_elsewhere is not None
+            and self._active_elsewhere() + len(requests) >= limits.max_reqs
+        ):
+            self._reject(rid, ProtocolStatus.OVERLOADED, keep_conn)
+        else:
+            requests[rid] = _Request(role, keep_conn)
+            append(BeginRequest(rid, role, keep_conn))
+
+    def _reject(self, rid: int, status: ProtocolStatus, keep_conn: bool) -> None:
+        self._pending += _HEADER.pack(FCGI_VERSION_1, _END, rid, 8, 0)
+        self._pending += _END_BODY.pack(0, status)
+        if not keep_conn:
+            self._should_close = True
+
+    def _management(self, rtype: int, body: bytes | memoryview) -> None:
+        if rtype != _GET_VALUES:
+            # Spec §4.2: any management type we do not understand, BEGIN_REQUEST on id 0 too.
+            self._pending += _HEADER.pack(FCGI_VERSION_1, _UNKNOWN_TYPE, 0, 8, 0)
+            self._pending += _UNKNOWN_BODY.pack(rtype)
+            return
+        limits = self._limits
+        known = {
+            b"FCGI_MAX_CONNS": str(limits.max_conns).encode(),
+            b"FCGI_MAX_REQS": str(limits.max_reqs).encode(),
+            b"FCGI_MPXS_CONNS": b"1" if limits.mpxs_conns else b"0",
+        }
+        asked = decode_pairs(body)
+        reply = encode_pairs((name, known[name]) for name in asked if name in known)
+        self._pending += encode_record(_GET_VALUES_RESULT, 0, reply)
+
+    # -- output ---------------------------------------------------------------------------
+
+    def pending_output(self) -> bytes:
+        """Bytes the library produced by itself (GET_VALUES_RESULT, UNKNOWN_TYPE, rejections).
+
+        Send them after every receive(); the call clears them.
+        """
+        if not self._pending:
+            return b""
+        out = bytes(self._pending)
+        self._pending.clear()
+        return out
+
+    def _active(self, request_id: int) -> _Request:
+        req = self._requests.get(request_id)
+        if req is None:
+            raise ValueError(f"request {request_id} is not active")
+        return req
+
+    def stdout(self, request_id: int, data: Buffer) -> list[Buffer]:
+        """STDOUT records for ``data``: header, data (or 65528-byte slices of it), padding."""
+        self._active(request_id)
+        out: list[Buffer] = []
+        pad = _frame_into(out, _STDOUT, request_id, (data,))
+        if pad:
+            out.append(_PAD[pad])
+        return out
+
+    def stdout_many(self, request_id: int, buffers: Iterable[Buffer]) -> list[Buffer]:
+        """stdout() for several buffers (e.g. what the WSGI layer hands to send()): up to 65528
+        bytes in all they share one record header, so one sendmsg carries them."""
+        self._active(request_id)
+        out: list[Buffer] = []
+        pad = _frame_into(out, _STDOUT, request_id, buffers)
+        if pad:
+            out.append(_PAD[pad])
+        return out
+
+    def stderr(self, request_id: int, data: Buffer) -> list[Buffer]:
+        """STDERR records for ``data``; end_request() then also ends the STDERR stream."""
+        req = self._active(request_id)
+        out: list[Buffer] = []
+        pad = _frame_into(out, _STDERR, request_id, (data,))
+        if out:
+            req.stderr_used = True
+        if pad:
+            out.append(_PAD[pad])
+        return out
+
+    def end_request(
+        self,
+        request_id: int,
+        app_status: int = 0,
+        status: ProtocolStatus = ProtocolStatus.REQUEST_COMPLETE,
+    ) -> list[bytes]:
+        """Empty STDOUT (+ empty STDERR if it was used) + END_REQUEST; the id becomes inactive."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            raise ValueError(f"request {request_id} is not active")
+        if not req.keep_conn:
+            self._should_close = True
+        return [_end_tail(0, request_id, app_status, status, req.stderr_used)]
+
+    def respond(self, request_id: int, body: Iterable[Buffer], app_status: int = 0) -> list[Buffer]:
+        """stdout(body) + end_request() in one list: a small response is ONE sendmsg.
+
+        ``body`` may be several buffers (CGI head, first chunk...): up to 65528 bytes in all
+        they share one record header, and the padding rides with the END_REQUEST tail.
+        """
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            raise ValueError(f"request {request_id} is not active")
+        if not req.keep_conn:
+            self._should_close = True
+        out: list[Buffer] = []
+        pad = _frame_into(out, _STDOUT, request_id, body)
+        out.append(_end_tail(pad, request_id, app_status, 0, req.stderr_used))
+        return out
+
+    def keep_conn(self, request_id: int) -> bool:
+        """Whether the web server asked to keep the connection after this (active) request."""
+        return self._active(request_id).keep_conn
+
+    def role(self, request_id: int) -> Role:
+        """The role of an active request."""
+        return self._active(request_id).role
+
+    @property
+    def active_requests(self) -> frozenset[int]:
+        """Ids between BEGIN_REQUEST (accepted) and end_request()."""
+        return frozenset(self._requests)
+
+    @property
+    def should_close(self) -> bool:
+        """True once a request without KEEP_CONN has ended (or been rejected).
+
+        Spec §5.1: the application then closes the connection after responding. With
+        multiplexed requests still active, close once ``active_requests`` is empty.
+        """
+        return self._should_close
+
+
+# ---------------------------------------------------------------------------------------------
+# Web server (client) side
+
+
+class ClientConnection(_Reader):
+    """The web-server side of a connection: parses what an application sends back.
+
+    Stateless apart from the receive buffer: it does not track ids (the caller does), but it
+    checks every record: only STDOUT, STDERR, END_REQUEST (non-zero id), GET_VALUES_RESULT and
+    UNKNOWN_TYPE (id 0) may come from an application.
+    """
+
+    __slots__ = ()
+
+    def receive(self, data: bytes | bytearray | memoryview) -> list[ClientEvent]:
+        """Feed bytes in any chunking; returns the events of every complete record."""
+        events: list[ClientEvent] = []
+        self._feed(data, events)  # type: ignore[arg-type]
+        return events
+
+    def _parse(self, view: bytes | memoryview, pos: int, end: int, events: list[object]) -> int:
+        unpack = _HEADER.unpack_from
+        append = events.append
+        while end - pos >= 8:
+            version, rtype, rid, clen, plen = unpack(view, pos)
+            if version != FCGI_VERSION_1:
+                raise ProtocolError(f"unsupported FastCGI version {version}")
+            start = pos + 8
+            stop = start + clen
+            nxt = stop + plen
+            if nxt > end:
+                break
+            pos = nxt
+            body = view[start:stop]
+            if rid == 0:
+                if rtype == _GET_VALUES_RESULT:
+                    append(GetValuesResult(decode_pairs(body)))
+                elif rtype == _UNKNOWN_TYPE:
+                    if clen != 8:
+                        raise ProtocolError(f"UNKNOWN_TYPE body of {clen} bytes, not 8")
+                    append(UnknownType(body[0]))
+                else:
+                    raise ProtocolError(f"unexpected management record type {rtype}")
+            elif rtype == _STDOUT:
+                append(StdoutData(rid, bytes(body)))
+            elif rtype == _STDERR:
+                append(StderrData(rid, bytes(body)))
+            elif rtype == _END:
+                if clen != 8:
+                    raise ProtocolError(f"request {rid}: END_REQUEST body of {clen} bytes, not 8")
+                app_status, pstatus = _END_BODY.unpack_from(body)
+                status = _PSTATUS.get(pstatus)
+                if status is None:
+                    raise ProtocolError(f"request {rid}: unknown protocolStatus {pstatus}")
+                append(EndRequest(rid, app_status, status))
+            else:
+                raise ProtocolError(f"request {rid}: unexpected record type {rtype}")
+        return pos
