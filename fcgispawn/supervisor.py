@@ -1,0 +1,1125 @@
+"""The arbiter: keeps N copies of a program alive on one listening socket.
+
+A worker is an argv and an env. The supervisor never imports user code and knows nothing of
+FastCGI: it forks, hands the socket over (fd 0, or fd 3 with ``LISTEN_FDS``), execs, and then
+only watches exit statuses and signals. That is what lets it supervise php-cgi, a C libfcgi app
+and fcgispawn's own ``--wsgi`` runtime alike.
+
+Event model (why it looks like this):
+
+* Signals become bytes: every handled signal gets a no-op Python handler, and
+  :func:`signal.set_wakeup_fd` makes the C-level handler write the signal number into a
+  non-blocking socketpair. The selector loop reads those bytes and acts on them. Nothing runs in
+  a signal handler, so there are no re-entrancy bugs and no logging from handlers.
+* Timers (restart backoff, settle time, graceful deadlines, watchdog pings) are just the
+  selector's timeout. An idle supervisor blocks in ``epoll_wait`` with no timeout at all: zero
+  wakeups per second (peers wake once a second).
+* Children are reaped with ``waitpid(-1, WNOHANG)`` after every wakeup, so a coalesced SIGCHLD
+  (two children dying at once deliver one signal) loses nothing.
+
+Policy definitions (kept in one place, see :func:`classify_exit`):
+
+* A worker is **up** once it has stayed alive for ``Policy.settle`` seconds. With fd 0 hand-off
+  the supervisor cannot see a worker enter ``accept()``, so survival is the readiness signal.
+  A program that can say when it is ready (``WorkerSpec.readiness = Readiness.NOTIFY``) gets a
+  private ``NOTIFY_SOCKET`` and is up when it sends ``READY=1`` (sd_notify(3) protocol, so any
+  sd_notify-aware program works); one that stays silent is taken as up after
+  ``Policy.ready_timeout``. This matters for reloads of slow-starting apps: old workers keep
+  serving until the new ones really accept, instead of for a fixed 0.2 s.
+* An exit the supervisor did not ask for is a **startup failure** ("crash") when the worker lived
+  less than ``reset_after`` seconds -- unless it exited with status 0 after being up, which is a
+  voluntary recycle (``--max-requests``) and is replaced at once. A crash is restarted after the
+  slot's backoff delay (``backoff_initial``, doubling, capped at ``backoff_max``). A worker that
+  lived ``reset_after`` seconds or more is replaced at once and its slot's backoff is reset.
+* ``crash_limit`` crashes (all slots together: they run the same program) within
+  ``crash_window`` seconds is a crash loop: every worker is stopped and :meth:`Supervisor.run`
+  raises :class:`~fcgispawn.errors.CrashLoopError` naming the last exit reason.
+
+* A COMMAND that cannot be executed (reported by the child through a close-on-exec pipe) is
+  fatal before the first generation is up (:class:`~fcgispawn.errors.ProcessError`: retrying a
+  missing binary only delays the message); later it counts as a crash.
+
+Signals:
+
+* TERM/INT: graceful stop -- workers get TERM, KILL after ``graceful_timeout``; exit 0.
+* QUIT: fast stop -- TERM, KILL after ``fast_timeout`` (1 s). Workers get TERM, not QUIT: for an
+  arbitrary program QUIT's default action is a core dump. A second stop request during a
+  graceful stop turns it into a fast one; one during a fast stop KILLs at once.
+* HUP: overlapping reload. One successor per slot starts on the same socket; once all are up the
+  old workers get TERM (and ``graceful_timeout``). A successor that dies before the hand-over
+  aborts the reload and the old workers keep serving (a broken deploy does not take the site
+  down). A HUP during a reload restarts it (a newer deploy may have landed).
+* TTIN/TTOU: one worker more/less, never fewer than one. (If the supervisor writes to a terminal
+  from a background process group with ``stty tostop``, the kernel's own SIGTTOU would read as
+  a TTOU request: run it detached or under a service manager.)
+* USR1: forwarded to every worker (reopen logs).
+
+Workers stay in the supervisor's process group and session: ``kill -- -PGID`` and a service
+manager's cgroup see them, and PR_SET_PDEATHSIG (TERM) ends them if the supervisor is killed
+with SIGKILL. Their environment is ``WorkerSpec.env`` without the supervisor's own systemd
+variables (``LISTEN_*``, ``NOTIFY_SOCKET``, ``WATCHDOG_*``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno as errno_mod
+import fcntl
+import os
+import secrets
+import selectors
+import signal
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from types import FrameType
+from typing import Final, NoReturn, assert_never
+
+from fcgispawn import systemd
+from fcgispawn.errors import CrashLoopError, FcgiSpawnError, ProcessError
+from fcgispawn.process import Credentials, drop_privileges, reset_child_state
+
+__all__ = [
+    "CrashWindow",
+    "ExitKind",
+    "PassMode",
+    "Phase",
+    "Policy",
+    "Readiness",
+    "Supervisor",
+    "SupervisorStatus",
+    "WorkerSpec",
+    "WorkerState",
+    "WorkerStatus",
+    "classify_exit",
+    "describe_exit",
+    "next_backoff",
+]
+
+#: Signals the supervisor turns into events. SIGCHLD needs a (no-op) handler too: with the
+#: default disposition the kernel would discard it and the wakeup fd would never see it.
+HANDLED_SIGNALS: Final[tuple[int, ...]] = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGCHLD,
+)
+
+#: Variables that describe the supervisor's own relation to systemd. Passed on, they would make
+#: a worker adopt fds meant for us, or send READY=1/WATCHDOG=1 in our name.
+_SUPERVISOR_ONLY_ENV: Final = frozenset(
+    {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
+)
+
+_SD_LISTEN_FDS_START: Final = 3
+_PR_SET_PDEATHSIG: Final = 1
+#: How long to keep waiting for a worker that was sent SIGKILL before forgetting it (a process
+#: stuck in uninterruptible sleep must not keep the supervisor from ever exiting).
+_ABANDON_AFTER_KILL: Final = 5.0
+#: The error pipe's write end is moved at least this high in the child, so that placing the
+#: listener on fd 0 or fd 3 can never overwrite it.
+_CHILD_ERRFD_MIN: Final = 10
+
+
+class PassMode(Enum):
+    """How a worker receives the listening socket."""
+
+    FD0 = "fd0"  # FastCGI convention (FCGI_LISTENSOCK_FILENO): the socket is stdin
+    SYSTEMD = "systemd"  # fd 3 with LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES; stdin is /dev/null
+
+
+class Readiness(Enum):
+    """How the supervisor learns that a new worker is up (see the module docstring)."""
+
+    SETTLE = "settle"  # alive for Policy.settle seconds: works for any program
+    NOTIFY = "notify"  # sent READY=1 to the NOTIFY_SOCKET it was given
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What to run: everything a worker is, with no knowledge of what it does."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    pass_mode: PassMode = PassMode.FD0
+    fdname: str = "fcgi"
+    credentials: Credentials | None = None
+    chroot: str | None = None
+    chdir: str | None = None
+    readiness: Readiness = Readiness.SETTLE
+
+    def __post_init__(self) -> None:
+        if not self.argv or not self.argv[0]:
+            raise ValueError("WorkerSpec.argv needs a command")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Restart, crash-loop and stop timing. See the module docstring for the definitions."""
+
+    workers: int = 1
+    graceful_timeout: float = 30.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 10.0
+    reset_after: float = 10.0
+    crash_limit: int = 5
+    crash_window: float = 10.0
+    #: A new worker counts as up after living this long (readiness, reload hand-over).
+    settle: float = 0.2
+    #: Grace given by a fast stop (QUIT, or a second TERM) before KILL.
+    fast_timeout: float = 1.0
+    #: Readiness.NOTIFY: a worker silent this long is taken as up anyway (and a warning logged).
+    ready_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("Policy.workers must be at least 1")
+        if self.crash_limit < 1:
+            raise ValueError("Policy.crash_limit must be at least 1")
+        if self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
+            raise ValueError("Policy needs 0 < backoff_initial <= backoff_max")
+        for name in (
+            "graceful_timeout",
+            "reset_after",
+            "crash_window",
+            "settle",
+            "fast_timeout",
+            "ready_timeout",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Policy.{name} must not be negative")
+
+
+class Phase(Enum):
+    """The supervisor's life cycle."""
+
+    STARTING = "starting"  # first generation not up yet; on_ready not called yet
+    RUNNING = "running"
+    RELOADING = "reloading"  # successors started, old workers still serving
+    STOPPING = "stopping"  # no more spawns; waiting for workers to exit
+    STOPPED = "stopped"
+
+
+_PHASE_TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
+    Phase.STARTING: frozenset({Phase.RUNNING, Phase.STOPPING}),
+    Phase.RUNNING: frozenset({Phase.RELOADING, Phase.STOPPING}),
+    Phase.RELOADING: frozenset({Phase.RUNNING, Phase.STOPPING}),
+    Phase.STOPPING: frozenset({Phase.STOPPED}),
+    Phase.STOPPED: frozenset(),
+}
+
+
+class WorkerState(Enum):
+    """One worker process's life cycle (until it is reaped)."""
+
+    STARTING = "starting"  # forked and exec'd, not yet up (settled or READY=1)
+    UP = "up"
+    STOPPING = "stopping"  # sent TERM by us: its exit is expected
+
+
+_WORKER_TRANSITIONS: Final[Mapping[WorkerState, frozenset[WorkerState]]] = {
+    WorkerState.STARTING: frozenset({WorkerState.UP, WorkerState.STOPPING}),
+    WorkerState.UP: frozenset({WorkerState.STOPPING}),
+    WorkerState.STOPPING: frozenset(),
+}
+
+
+class ExitKind(Enum):
+    """What an exit means for the restart policy."""
+
+    REQUESTED = "requested"  # we sent TERM/KILL: never restarted by itself
+    DIED = "died"  # lived reset_after or longer: replaced at once, backoff reset
+    RECYCLED = "recycled"  # status 0 after being up, younger: replaced at once, not a failure
+    CRASHED = "crashed"  # any other young death: counts towards the crash limit, backoff
+
+
+def classify_exit(
+    status: int, lifetime: float, *, requested: bool, was_up: bool, policy: Policy
+) -> ExitKind:
+    """The restart policy in one pure function, so the table of cases is testable on its own."""
+    if requested:
+        return ExitKind.REQUESTED
+    if lifetime >= policy.reset_after:
+        return ExitKind.DIED
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and was_up:
+        return ExitKind.RECYCLED
+    return ExitKind.CRASHED
+
+
+def next_backoff(delay: float, policy: Policy) -> float:
+    """Exponential backoff: the delay after ``delay``, doubling up to ``backoff_max``."""
+    return min(delay * 2, policy.backoff_max)
+
+
+def describe_exit(status: int) -> str:
+    """``exit status 3`` / ``killed by signal SIGKILL`` (+ core dump), for logs and errors."""
+    if os.WIFEXITED(status):
+        return f"exit status {os.WEXITSTATUS(status)}"
+    if os.WIFSIGNALED(status):
+        num = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(num).name
+        except ValueError:
+            name = str(num)
+        core = " (core dumped)" if os.WCOREDUMP(status) else ""
+        return f"killed by signal {name}{core}"
+    return f"wait status {status:#x}"
+
+
+class CrashWindow:
+    """Timestamps of recent crashes; answers "how many within the last window seconds"."""
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._times: deque[float] = deque()
+
+    def record(self, now: float) -> int:
+        """Adds a crash at ``now`` and returns the number of crashes inside the window."""
+        self._times.append(now)
+        while self._times and self._times[0] <= now - self._window:
+            self._times.popleft()
+        return len(self._times)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """One live worker, as shown in logs, ``STATUS=`` and a future status endpoint."""
+
+    pid: int
+    slot: int | None  # None: draining, no longer counted as capacity
+    generation: int
+    state: WorkerState
+    started_at: float  # wall clock (time.time()), for humans
+    uptime: float
+    restarts: int  # of its slot
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorStatus:
+    """A snapshot of the supervisor, cheap enough to build on every change."""
+
+    phase: Phase
+    generation: int
+    target: int
+    workers: tuple[WorkerStatus, ...]
+    restarts: int
+    last_exit: str | None
+
+    def summary(self) -> str:
+        """One line for sd_notify ``STATUS=`` and logs."""
+        serving = [w for w in self.workers if w.slot is not None]
+        text = f"{len(serving)}/{self.target} workers"
+        if serving:
+            text += " (pids " + ", ".join(str(w.pid) for w in serving) + ")"
+        draining = len(self.workers) - len(serving)
+        if draining:
+            text += f", {draining} draining"
+        text += f", {self.restarts} restarts"
+        if self.last_exit:
+            text += f", last exit: {self.last_exit}"
+        if self.phase is not Phase.RUNNING:
+            text += f" [{self.phase.value}]"
+        return text
+
+
+@dataclass(slots=True, eq=False)
+class _Worker:
+    pid: int
+    generation: int
+    started: float  # monotonic
+    started_wall: float
+    slot: _Slot | None
+    state: WorkerState = WorkerState.STARTING
+    kill_at: float | None = None  # when to send KILL (set once TERM was sent)
+    abandon_at: float | None = None  # when to stop waiting after KILL
+
+    def move(self, new: WorkerState) -> None:
+        assert new in _WORKER_TRANSITIONS[self.state], (self.state, new)
+        self.state = new
+
+
+@dataclass(slots=True, eq=False)
+class _Slot:
+    """One unit of capacity. Backoff and restart counts belong to the slot, not the process."""
+
+    index: int
+    delay: float
+    worker: _Worker | None = None
+    successor: _Worker | None = None  # during a reload
+    restart_at: float | None = None
+    restarts: int = 0
+
+
+@dataclass(slots=True)
+class _ChildFailure:
+    """Why a forked child never reached exec (sent through the CLOEXEC error pipe)."""
+
+    stage: str
+    errno: int
+    message: str
+
+
+_Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers
+
+
+def _noop_handler(signum: int, frame: FrameType | None) -> None:
+    """Exists only so the C-level handler runs and writes ``signum`` to the wakeup fd."""
+
+
+class _Prctl:
+    """``prctl(2)`` through ctypes, resolved in the parent so the child does no dlopen."""
+
+    def __init__(self) -> None:
+        self._fn: Callable[..., int] | None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            self._fn = libc.prctl
+        except (OSError, AttributeError):  # not glibc/musl-like: workers just lack PDEATHSIG
+            self._fn = None
+
+    def set_pdeathsig(self, signum: int) -> bool:
+        if self._fn is None:
+            return False
+        return self._fn(_PR_SET_PDEATHSIG, ctypes.c_ulong(signum), 0, 0, 0) == 0
+
+
+class Supervisor:
+    """Runs ``policy.workers`` copies of ``spec`` on ``listener`` until told to stop.
+
+    ``listener`` stays open in the supervisor for its whole life: that is why a reload or a
+    restart never refuses a connection (connections queue in the backlog meanwhile).
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        spec: WorkerSpec,
+        policy: Policy,
+        *,
+        log: Callable[[str], None],
+    ) -> None:
+        self._listener = listener
+        self._spec = spec
+        self._policy = policy
+        self._user_log = log
+        self._phase = Phase.STARTING
+        self._target = policy.workers
+        self._slots: list[_Slot] = []
+        self._workers: dict[int, _Worker] = {}
+        self._generation = 0
+        self._crashes = CrashWindow(policy.crash_window)
+        self._restarts = 0
+        self._last_exit: str | None = None
+        self._failure: FcgiSpawnError | None = None
+        self._stop_fast = False
+        self._on_ready: Callable[[], None] | None = None
+        self._watchdog_interval: float | None = None
+        self._watchdog_next: float | None = None
+        self._ran = False
+        self._prctl = _Prctl()
+        self._notify_sock: socket.socket | None = None
+        #: How long a STARTING worker waits to count as up without a READY=1.
+        self._settle = policy.ready_timeout if spec.readiness is Readiness.NOTIFY else policy.settle
+        self._child_env = {k: v for k, v in spec.env.items() if k not in _SUPERVISOR_ONLY_ENV}
+        if spec.pass_mode is PassMode.SYSTEMD:
+            systemd.listen_env([spec.fdname], pid=0)  # SocketError now, not in every child
+        # O_NONBLOCK lives in the open file description the workers share: a listener left
+        # non-blocking by whoever created it would make blocking accept() loops spin on EAGAIN.
+        listener.setblocking(True)
+
+    # ----------------------------------------------------------------------------------------
+    # public
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def status(self) -> SupervisorStatus:
+        now = time.monotonic()
+        workers = tuple(
+            WorkerStatus(
+                pid=w.pid,
+                slot=None if w.slot is None else w.slot.index,
+                generation=w.generation,
+                state=w.state,
+                started_at=w.started_wall,
+                uptime=now - w.started,
+                restarts=0 if w.slot is None else w.slot.restarts,
+            )
+            for w in sorted(self._workers.values(), key=lambda w: w.started)
+        )
+        return SupervisorStatus(
+            phase=self._phase,
+            generation=self._generation,
+            target=self._target,
+            workers=workers,
+            restarts=self._restarts,
+            last_exit=self._last_exit,
+        )
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> int:
+        """Supervises until stopped; returns 0 after a clean stop.
+
+        Must be called from the main thread (signal handlers, and PDEATHSIG follows the
+        forking *thread*). Raises CrashLoopError after a crash loop and ProcessError when the
+        command cannot be executed at startup; no worker outlives either.
+        """
+        if self._ran:
+            raise RuntimeError("Supervisor.run() can only be called once")
+        self._ran = True
+        self._on_ready = on_ready
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(wake_r, selectors.EVENT_READ)
+        if self._spec.readiness is Readiness.NOTIFY:
+            self._notify_sock = self._open_ready_socket()
+            sel.register(self._notify_sock, selectors.EVENT_READ)
+        try:
+            with self._signals_to(wake_w):
+                try:
+                    self._start()
+                    while self._phase is not Phase.STOPPED:
+                        timeout = self._timeout(time.monotonic())
+                        for key, _ in sel.select(timeout):
+                            if key.fileobj is wake_r:
+                                self._dispatch(self._drain(wake_r))
+                            else:
+                                self._read_ready_messages()
+                        self._reap()
+                        self._fire_timers(time.monotonic())
+                        self._progress()
+                except BaseException:
+                    self._kill_all_now()
+                    raise
+        finally:
+            sel.close()
+            wake_r.close()
+            wake_w.close()
+            if self._notify_sock is not None:
+                self._notify_sock.close()
+        if self._failure is not None:
+            raise self._failure
+        return 0
+
+    # ----------------------------------------------------------------------------------------
+    # set-up
+
+    @contextlib.contextmanager
+    def _signals_to(self, wake_w: socket.socket) -> Iterator[None]:
+        previous: dict[int, _Handler] = {}
+        old_fd = signal.set_wakeup_fd(wake_w.fileno())
+        try:
+            for sig in HANDLED_SIGNALS:
+                old = signal.signal(sig, _noop_handler)
+                # None: installed by C code, cannot be restored from Python; use the default.
+                previous[sig] = signal.SIG_DFL if old is None else old
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(old_fd)
+
+    def _start(self) -> None:
+        usec = systemd.watchdog_usec()
+        if usec:
+            self._watchdog_interval = usec / 2_000_000
+            self._watchdog_next = time.monotonic()
+        self._generation = 1
+        self._log(
+            f"supervisor {os.getpid()} starting {self._target} worker(s): "
+            f"{' '.join(self._spec.argv)} (socket on {self._pass_label()})"
+        )
+        for _ in range(self._target):
+            slot = self._new_slot()
+            self._spawn_into(slot)
+            if self._phase is Phase.STOPPING:  # exec failure: no point forking the rest
+                break
+
+    def _pass_label(self) -> str:
+        match self._spec.pass_mode:
+            case PassMode.FD0:
+                return "fd 0"
+            case PassMode.SYSTEMD:
+                return f"fd 3, LISTEN_FDNAMES={self._spec.fdname}"
+            case _ as unreachable:
+                assert_never(unreachable)
+
+    def _new_slot(self) -> _Slot:
+        slot = _Slot(index=len(self._slots), delay=self._policy.backoff_initial)
+        self._slots.append(slot)
+        return slot
+
+    # ----------------------------------------------------------------------------------------
+    # spawning
+
+    def _spawn_into(self, slot: _Slot, *, successor: bool = False) -> None:
+        """Spawns a worker for ``slot`` (or its successor); handles an exec failure."""
+        slot.restart_at = None
+        result = self._spawn(slot)
+        if isinstance(result, _Worker):
+            if successor:
+                slot.successor = result
+            else:
+                slot.worker = result
+            return
+        reason = self._failure_text(result)
+        self._last_exit = reason
+        self._log(f"worker for slot {slot.index} failed to start: {reason}")
+        if self._phase is Phase.STARTING:
+            # Deterministic (missing binary, bad chroot): retrying only delays the message.
+            hint = "check COMMAND and PATH (inside --chroot)" if result.stage == "exec" else None
+            self._fail(ProcessError(reason, hint=hint))
+        elif self._phase is Phase.RELOADING and successor:
+            self._abort_reload(reason)
+        else:
+            self._crashed(slot, f"start failure ({reason})")
+
+    def _failure_text(self, failure: _ChildFailure) -> str:
+        match failure.stage:
+            case "exec":
+                return f"cannot execute {self._spec.argv[0]!r}: {os.strerror(failure.errno)}"
+            case "fork":
+                return f"cannot fork: {os.strerror(failure.errno)}"
+            case _:
+                return f"cannot start worker ({failure.stage}): {failure.message}"
+
+    def _spawn(self, slot: _Slot) -> _Worker | _ChildFailure:
+        """fork + exec, reporting pre-exec failures through a CLOEXEC pipe.
+
+        The pipe's write end closes on a successful exec, so the parent reads EOF; on failure
+        the child writes ``stage\\0errno\\0message`` first. All signals are blocked across
+        fork() so that no handler runs in the child before it resets dispositions (it would
+        write into the parent's wakeup socketpair).
+        """
+        err_r, err_w = os.pipe()  # O_CLOEXEC (PEP 446)
+        parent = os.getpid()
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            os.close(err_r)
+            os.close(err_w)
+            return _ChildFailure("fork", exc.errno or 0, str(exc))
+        if pid == 0:
+            os.close(err_r)
+            self._child(err_w, parent)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(err_w)
+        try:
+            data = b""
+            while chunk := os.read(err_r, 4096):
+                data += chunk
+        finally:
+            os.close(err_r)
+        if data:
+            # The child is exiting right now; reap it here so the SIGCHLD path never sees it.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            stage, _, rest = data.decode("utf-8", "replace").partition("\0")
+            num, _, message = rest.partition("\0")
+            return _ChildFailure(stage, int(num) if num.isdigit() else 0, message)
+        worker = _Worker(
+            pid=pid,
+            generation=self._generation,
+            started=time.monotonic(),
+            started_wall=time.time(),
+            slot=slot,
+        )
+        self._workers[pid] = worker
+        self._log(f"worker {pid} started (slot {slot.index}, generation {self._generation})")
+        return worker
+
+    def _child(self, err_w: int, parent: int) -> NoReturn:
+        """Runs in the forked child: hand over the socket, reset state, drop privileges, exec.
+
+        Never returns and never raises: every failure is written to the error pipe and the
+        child leaves with ``os._exit(127)`` (no atexit handlers, no flushing of the parent's
+        buffers a second time).
+        """
+        stage = "setup"
+        err_fd = err_w
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in HANDLED_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            err_fd = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, _CHILD_ERRFD_MIN)
+            listen_fd = self._listener.fileno()
+            keep = [err_fd]
+            match self._spec.pass_mode:
+                case PassMode.FD0:
+                    os.dup2(listen_fd, 0)
+                    os.set_inheritable(0, True)  # dup2(0, 0) keeps the old flags
+                case PassMode.SYSTEMD:
+                    os.dup2(listen_fd, _SD_LISTEN_FDS_START)
+                    os.set_inheritable(_SD_LISTEN_FDS_START, True)
+                    devnull = os.open(os.devnull, os.O_RDONLY)
+                    if devnull != 0:
+                        os.dup2(devnull, 0)
+                        os.close(devnull)
+                    os.set_inheritable(0, True)
+                    keep.append(_SD_LISTEN_FDS_START)
+                case _ as unreachable:
+                    assert_never(unreachable)
+            stage = "reset"
+            reset_child_state(keep)
+            os.set_inheritable(err_fd, False)  # reset_child_state makes kept fds inheritable
+            env = dict(self._child_env)
+            if self._spec.pass_mode is PassMode.SYSTEMD:
+                # LISTEN_PID must be our own pid, known only after fork.
+                env.update(systemd.listen_env([self._spec.fdname]))
+            spec = self._spec
+            if spec.credentials is not None or spec.chroot or spec.chdir:
+                stage = "privileges"
+                creds = spec.credentials or Credentials(uid=None, gid=None, username=None)
+                drop_privileges(creds, chroot=spec.chroot, chdir=spec.chdir)
+            # After the privilege drop: a credential change clears PDEATHSIG.
+            stage = "pdeathsig"
+            self._prctl.set_pdeathsig(signal.SIGTERM)
+            if os.getppid() != parent:  # the supervisor died before prctl took effect
+                os._exit(1)
+            stage = "exec"
+            os.execvpe(spec.argv[0], list(spec.argv), env)
+        except BaseException as exc:
+            num = exc.errno if isinstance(exc, OSError) and exc.errno else errno_mod.EINVAL
+            msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            with contextlib.suppress(BaseException):
+                os.write(err_fd, f"{stage}\0{num}\0{msg}".encode("utf-8", "replace"))
+        os._exit(127)
+
+    # ----------------------------------------------------------------------------------------
+    # readiness notifications from workers (Readiness.NOTIFY)
+
+    def _open_ready_socket(self) -> socket.socket:
+        """A private sd_notify endpoint; SO_PASSCRED tells which worker a READY=1 is from.
+
+        Abstract namespace: nothing to create or clean up on disk, and a chroot cannot hide
+        it. Anyone on the host could send to it, but the worst a forged message can do is
+        make a reload hand over early -- it cannot start, stop or address a process.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        name = f"fcgispawn/{os.getpid()}/{secrets.token_hex(8)}"
+        sock.bind("\0" + name)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.setblocking(False)
+        self._child_env["NOTIFY_SOCKET"] = "@" + name
+        return sock
+
+    def _read_ready_messages(self) -> None:
+        assert self._notify_sock is not None
+        creds_size = struct.calcsize("iII")
+        while True:
+            try:
+                data, ancdata, _, _ = self._notify_sock.recvmsg(4096, socket.CMSG_SPACE(creds_size))
+            except (BlockingIOError, InterruptedError):
+                return
+            pid = None
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", payload[:creds_size])[0]
+            worker = self._workers.get(pid) if pid is not None else None
+            if worker is None or b"READY=1" not in data.split(b"\n"):
+                continue
+            if worker.state is WorkerState.STARTING:
+                worker.move(WorkerState.UP)
+                uptime = time.monotonic() - worker.started
+                self._log(f"worker {worker.pid} ready after {uptime:.2f}s")
+
+    # ----------------------------------------------------------------------------------------
+    # the loop's steps
+
+    @staticmethod
+    def _drain(wake_r: socket.socket) -> list[int]:
+        signums: list[int] = []
+        while True:
+            try:
+                data = wake_r.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return signums
+            if not data:
+                return signums
+            signums.extend(data)
+
+    def _dispatch(self, signums: list[int]) -> None:
+        for num in signums:
+            match num:
+                case signal.SIGTERM | signal.SIGINT:
+                    self._request_stop(fast=False, why=signal.Signals(num).name)
+                case signal.SIGQUIT:
+                    self._request_stop(fast=True, why="SIGQUIT")
+                case signal.SIGHUP:
+                    self._begin_reload()
+                case signal.SIGTTIN:
+                    self._scale(+1)
+                case signal.SIGTTOU:
+                    self._scale(-1)
+                case signal.SIGUSR1:
+                    self._log(f"forwarding SIGUSR1 to {len(self._workers)} worker(s)")
+                    for worker in list(self._workers.values()):
+                        self._signal(worker, signal.SIGUSR1)
+                case _:
+                    pass  # SIGCHLD: reaping happens after every wakeup anyway
+
+    def _timeout(self, now: float) -> float | None:
+        deadlines: list[float] = []
+        for slot in self._slots:
+            if slot.restart_at is not None:
+                deadlines.append(slot.restart_at)
+        for worker in self._workers.values():
+            if worker.state is WorkerState.STARTING:
+                deadlines.append(worker.started + self._settle)
+            if worker.kill_at is not None:
+                deadlines.append(worker.kill_at)
+            if worker.abandon_at is not None:
+                deadlines.append(worker.abandon_at)
+        if self._watchdog_next is not None:
+            deadlines.append(self._watchdog_next)
+        if not deadlines:
+            return None  # idle: sleep until a signal arrives
+        return max(0.0, min(deadlines) - now)
+
+    def _fire_timers(self, now: float) -> None:
+        interval = self._watchdog_interval
+        if self._watchdog_next is not None and interval is not None and now >= self._watchdog_next:
+            self._notify("WATCHDOG=1")
+            self._watchdog_next = now + interval
+        for worker in list(self._workers.values()):
+            if worker.state is WorkerState.STARTING and now >= worker.started + self._settle:
+                worker.move(WorkerState.UP)
+                if self._spec.readiness is Readiness.NOTIFY:
+                    self._log(
+                        f"worker {worker.pid} sent no READY=1 within {self._settle:g}s; "
+                        "taking it as up"
+                    )
+            if worker.kill_at is not None and now >= worker.kill_at:
+                self._log(f"worker {worker.pid} still running after the grace period: SIGKILL")
+                self._signal(worker, signal.SIGKILL)
+                worker.kill_at = None
+                worker.abandon_at = now + _ABANDON_AFTER_KILL
+            elif worker.abandon_at is not None and now >= worker.abandon_at:
+                self._log(f"worker {worker.pid} did not die after SIGKILL; no longer waiting")
+                self._workers.pop(worker.pid, None)
+        if self._stopping():
+            return
+        for slot in list(self._slots):
+            if self._stopping():  # a failed restart may have just given up
+                break
+            if slot.restart_at is not None and now >= slot.restart_at:
+                slot.restarts += 1
+                self._restarts += 1
+                self._spawn_into(slot)
+
+    def _progress(self) -> None:
+        """Moves the phase forward once what it waits for has happened."""
+        match self._phase:
+            case Phase.STARTING:
+                if self._all_up(successors=False):
+                    self._become_ready()
+            case Phase.RELOADING:
+                if self._all_up(successors=True):
+                    self._commit_reload()
+            case Phase.STOPPING:
+                if not self._workers:
+                    self._move(Phase.STOPPED)
+                    self._log("all workers stopped")
+            case Phase.RUNNING | Phase.STOPPED:
+                pass
+            case _ as unreachable:
+                assert_never(unreachable)
+
+    def _all_up(self, *, successors: bool) -> bool:
+        for slot in self._slots:
+            worker = slot.successor if successors else slot.worker
+            if successors and worker is None and slot.worker is not None:
+                continue  # cannot happen after _begin_reload, but a slot with a worker is fine
+            if worker is None or worker.state is not WorkerState.UP:
+                return False
+        return True
+
+    # ----------------------------------------------------------------------------------------
+    # reaping and the restart policy
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self._workers.pop(pid, None)
+            if worker is not None:
+                self._exited(worker, status)
+
+    def _exited(self, worker: _Worker, status: int) -> None:
+        now = time.monotonic()
+        lifetime = now - worker.started
+        reason = describe_exit(status)
+        slot = worker.slot
+        requested = worker.state is WorkerState.STOPPING or self._phase is Phase.STOPPING
+        kind = classify_exit(
+            status,
+            lifetime,
+            requested=requested,
+            # By age too: the settle timer may not have run yet in this loop iteration.
+            was_up=worker.state is WorkerState.UP or lifetime >= self._settle,
+            policy=self._policy,
+        )
+        desc = f"worker {worker.pid} {reason} after {lifetime:.2f}s"
+        if kind is ExitKind.REQUESTED or slot is None:
+            self._log(f"{desc} (stopped)")
+            return
+        last = self._last_exit = f"{reason} (pid {worker.pid})"
+        if slot.successor is worker:
+            slot.successor = None
+            self._log(f"{desc} during reload")
+            self._abort_reload(f"new worker {worker.pid} {reason} after {lifetime:.2f}s")
+            return
+        assert slot.worker is worker
+        slot.worker = None
+        match kind:
+            case ExitKind.RECYCLED:
+                self._log(f"{desc}; replacing it")
+                self._restart_now(slot)
+            case ExitKind.DIED:
+                self._log(f"{desc}; replacing it")
+                slot.delay = self._policy.backoff_initial
+                self._restart_now(slot)
+            case ExitKind.CRASHED:
+                self._log(desc)
+                self._crashed(slot, last)
+            case ExitKind.REQUESTED:
+                raise AssertionError("handled above")
+            case _ as unreachable:
+                assert_never(unreachable)
+        if self._phase is Phase.RELOADING and slot.successor is not None:
+            slot.restart_at = None  # the successor takes this slot over; no restart needed
+        self._notify_status()
+
+    def _restart_now(self, slot: _Slot) -> None:
+        slot.restart_at = time.monotonic()
+
+    def _crashed(self, slot: _Slot, reason: str) -> None:
+        now = time.monotonic()
+        count = self._crashes.record(now)
+        if count >= self._policy.crash_limit:
+            self._fail(
+                CrashLoopError(
+                    f"workers keep dying: last {reason}; {count} startup failures within "
+                    f"{self._policy.crash_window:g}s",
+                    hint="run the COMMAND by hand to see why it exits",
+                )
+            )
+            return
+        slot.restart_at = now + slot.delay
+        self._log(f"restarting slot {slot.index} in {slot.delay:.2f}s")
+        slot.delay = next_backoff(slot.delay, self._policy)
+
+    def _fail(self, error: FcgiSpawnError) -> None:
+        self._log(f"giving up: {error.message}")
+        if self._failure is None:
+            self._failure = error
+        self._notify(f"STATUS={error.message}")
+        self._request_stop(fast=False, why="giving up")
+
+    # ----------------------------------------------------------------------------------------
+    # readiness and reload
+
+    def _become_ready(self) -> None:
+        self._move(Phase.RUNNING)
+        self._log(f"ready: {self.status().summary()}")
+        if self._on_ready is not None:
+            self._on_ready()
+        self._notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS={self.status().summary()}")
+
+    def _begin_reload(self) -> None:
+        match self._phase:
+            case Phase.STARTING:
+                self._log("SIGHUP ignored: workers are still starting")
+                return
+            case Phase.STOPPING | Phase.STOPPED:
+                return
+            case Phase.RELOADING:
+                # A newer deploy may have landed since: replace the pending successors too.
+                self._log("SIGHUP during reload: restarting the reload")
+                self._drop_successors()
+            case Phase.RUNNING:
+                self._move(Phase.RELOADING)
+            case _ as unreachable:
+                assert_never(unreachable)
+        self._generation += 1
+        mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._notify("RELOADING=1", f"MONOTONIC_USEC={mono}", "STATUS=reloading")
+        self._log(
+            f"reloading: starting {len(self._slots)} new worker(s) (generation {self._generation})"
+        )
+        for slot in self._slots:
+            if self._phase is not Phase.RELOADING:
+                return  # aborted by an exec failure
+            self._spawn_into(slot, successor=True)
+
+    def _commit_reload(self) -> None:
+        old: list[int] = []
+        for slot in self._slots:
+            if slot.successor is None:
+                continue
+            if slot.worker is not None:
+                old.append(slot.worker.pid)
+                slot.worker.slot = None
+                self._stop_worker(slot.worker, self._policy.graceful_timeout)
+            slot.worker = slot.successor
+            slot.successor = None
+            slot.restart_at = None
+        self._move(Phase.RUNNING)
+        new = [s.worker.pid for s in self._slots if s.worker is not None]
+        self._log(f"reload done: new workers {new}, draining {old}")
+        self._notify("READY=1", f"STATUS={self.status().summary()}")
+
+    def _abort_reload(self, reason: str) -> None:
+        """A new worker died before the hand-over: keep the old ones serving."""
+        if self._phase is not Phase.RELOADING:
+            return
+        self._log(f"reload aborted: {reason}; keeping the running workers")
+        self._drop_successors()
+        for slot in self._slots:
+            if slot.worker is None and slot.restart_at is None:
+                self._restart_now(slot)
+        self._move(Phase.RUNNING)
+        self._notify("READY=1", f"STATUS=reload failed: {reason}")
+
+    def _drop_successors(self) -> None:
+        """Ends the pending hand-over: successors drain, unless one is all its slot has."""
+        for slot in self._slots:
+            successor = slot.successor
+            if successor is None:
+                continue
+            slot.successor = None
+            if slot.worker is None:
+                slot.worker = successor  # keep it serving; a later commit replaces it
+            else:
+                successor.slot = None
+                self._stop_worker(successor, self._policy.graceful_timeout)
+
+    def _scale(self, delta: int) -> None:
+        if self._stopping():
+            return
+        if delta > 0:
+            self._target += 1
+            slot = self._new_slot()
+            self._log(f"SIGTTIN: {self._target} worker(s)")
+            self._spawn_into(slot, successor=self._phase is Phase.RELOADING)
+        else:
+            if self._target <= 1:
+                self._log("SIGTTOU ignored: keeping at least one worker")
+                return
+            self._target -= 1
+            slot = self._slots.pop()
+            self._log(f"SIGTTOU: {self._target} worker(s)")
+            for worker in (slot.worker, slot.successor):
+                if worker is not None:
+                    worker.slot = None
+                    self._stop_worker(worker, self._policy.graceful_timeout)
+        self._notify_status()
+
+    # ----------------------------------------------------------------------------------------
+    # stopping
+
+    def _request_stop(self, *, fast: bool, why: str) -> None:
+        now = time.monotonic()
+        if self._phase is Phase.STOPPED:
+            return
+        if self._phase is Phase.STOPPING:
+            if self._stop_fast:
+                self._log(f"{why} during fast stop: killing the workers now")
+                for worker in list(self._workers.values()):
+                    worker.kill_at = now
+                return
+            fast = True  # a second stop request escalates
+        self._stop_fast = self._stop_fast or fast
+        timeout = self._policy.fast_timeout if fast else self._policy.graceful_timeout
+        if self._phase is not Phase.STOPPING:
+            self._move(Phase.STOPPING)
+            # EXTEND_TIMEOUT_USEC: a graceful timeout longer than the unit's TimeoutStopSec=
+            # must not end in systemd SIGKILLing us (and every request) half-way.
+            extend = int((timeout + _ABANDON_AFTER_KILL + 1) * 1_000_000)
+            self._notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={extend}")
+        self._log(
+            f"{why}: {'fast' if fast else 'graceful'} stop of {len(self._workers)} worker(s), "
+            f"SIGKILL after {timeout:g}s"
+        )
+        for slot in self._slots:
+            slot.restart_at = None
+        for worker in list(self._workers.values()):
+            self._stop_worker(worker, timeout)
+
+    def _stop_worker(self, worker: _Worker, timeout: float) -> None:
+        """TERM a worker (once) and arm its KILL deadline (only ever moved earlier)."""
+        deadline = time.monotonic() + timeout
+        if worker.state is not WorkerState.STOPPING:
+            worker.move(WorkerState.STOPPING)
+            self._signal(worker, signal.SIGTERM)
+        if worker.abandon_at is None and (worker.kill_at is None or deadline < worker.kill_at):
+            worker.kill_at = deadline
+
+    def _kill_all_now(self) -> None:
+        """Last resort when run() unwinds on an exception: no worker may outlive us.
+
+        Bounded (a process in uninterruptible sleep is left behind after a few seconds) and
+        polling, which is fine here: this runs once, on the way out.
+        """
+        for worker in self._workers.values():
+            self._signal(worker, signal.SIGKILL)
+        deadline = time.monotonic() + _ABANDON_AFTER_KILL
+        while self._workers and time.monotonic() < deadline:
+            for pid in list(self._workers):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    del self._workers[pid]
+            if self._workers:
+                time.sleep(0.01)
+        self._workers.clear()
+
+    # ----------------------------------------------------------------------------------------
+    # helpers
+
+    def _log(self, message: str) -> None:
+        # A log sink that fails (stderr a closed pipe: ``fcgispawn -n ... | head``) must not
+        # take the workers down with it.
+        with contextlib.suppress(OSError, ValueError):
+            self._user_log(message)
+
+    def _signal(self, worker: _Worker, signum: int) -> None:
+        # The pid cannot have been reused: it stays a zombie until we reap it.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signum)
+
+    def _stopping(self) -> bool:
+        return self._phase in (Phase.STOPPING, Phase.STOPPED)
+
+    def _move(self, new: Phase) -> None:
+        assert new in _PHASE_TRANSITIONS[self._phase], (self._phase, new)
+        self._phase = new
+
+    def _notify_status(self) -> None:
+        if self._phase in (Phase.RUNNING, Phase.RELOADING):
+            self._notify(f"STATUS={self.status().summary()}")
+
+    def _notify(self, *fields: str) -> None:
+        try:
+            systemd.notify(*fields)
+        except OSError as exc:  # the manager went away; supervising matters more
+            self._log(f"sd_notify failed: {exc}")

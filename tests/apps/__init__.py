@@ -1,0 +1,1 @@
+"""Small worker and driver programs that supervisor/cli tests run as real processes."""
