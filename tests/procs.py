@@ -60,19 +60,23 @@ class ProcessGroup:
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
-        """TERM the process group, then KILL it after ``timeout``; returns the exit status."""
-        if proc.poll() is None:
+        """TERM the process group, then KILL it after ``timeout``; returns the exit status.
+
+        The leader is waited for with WNOWAIT first and reaped only after its group got the
+        final KILL: while it is an unreaped zombie its pid (the group id) cannot be reused, so
+        the killpg can never hit another test's processes.
+        """
+        if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            if not _wait_nowait(proc.pid, timeout):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        # Whatever the leader left behind in its group (workers) goes too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+                _wait_nowait(proc.pid, 5.0)
+            # Whatever the leader left behind in its group (workers) goes too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
         return proc.returncode
 
     def stop_all(self) -> None:
@@ -81,6 +85,21 @@ class ProcessGroup:
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
+
+
+def _wait_nowait(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited without reaping it; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        except ChildProcessError:
+            return True  # already reaped (e.g. by proc.poll()); nothing more to wait for
+        if info is not None:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager

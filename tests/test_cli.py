@@ -1,0 +1,110 @@
+"""The command line as a user meets it: exit codes, one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.procs import fcgispawn_argv
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*fcgispawn_argv(), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def assert_one_clear_line(proc: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert fragment in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (("-s", "/tmp/x.sock", "-p", "9000", "--", "/bin/cat"), 2, "give one socket"),
+        (("-p", "70000", "--", "/bin/cat"), 2, "out of range"),
+        (("-p", "abc", "--", "/bin/cat"), 2, "'abc' is not a valid integer"),
+        (("-s", "/tmp/x.sock", "-M", "999", "--", "/bin/cat"), 2, "invalid socket mode"),
+        (("-s", "/tmp/" + "y" * 110, "--", "/bin/cat"), 2, "longer than the 107"),
+        (("-s", "/tmp/x.sock", "-F", "0", "--", "/bin/cat"), 2, "at least 1"),
+        (("-s", "/tmp/x.sock", "-C", "0", "--", "/bin/cat"), 2, "-C must be at least 1"),
+        (("-s", "/tmp/x.sock"), 2, "no FastCGI application given"),
+        (("-s", "/tmp/x.sock", "--", "no-such-cmd-xyz"), 2, "cannot execute 'no-such-cmd-xyz'"),
+        (("-s", "/tmp/x.sock", "--wsgi", "nocolon"), 2, "not MODULE:CALLABLE"),
+        (("--bogus",), 2, "No such option"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_usage_exit(
+    args: tuple[str, ...], code: int, fragment: str
+) -> None:
+    assert_one_clear_line(run(*args), code, fragment)
+
+
+def test_unknown_user_is_a_runtime_error_naming_it(sockdir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("user switching needs root")
+    proc = run("-n", "-s", str(sockdir / "a.sock"), "-u", "no-such-user-xyz", "--", "/bin/cat")
+    assert_one_clear_line(proc, 1, "unknown user 'no-such-user-xyz'")
+    assert not (sockdir / "a.sock").exists()
+
+
+def test_root_user_is_refused(sockdir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("user switching needs root")
+    proc = run("-n", "-s", str(sockdir / "a.sock"), "-u", "root", "--", "/bin/cat")
+    assert_one_clear_line(proc, 1, "will not set uid to 0")
+
+
+def test_version_and_help() -> None:
+    version = run("-v")
+    assert version.returncode == 0
+    assert "fcgispawn" in version.stdout
+    helptext = run("-h")
+    assert helptext.returncode == 0
+    assert "127.0.0.1" in helptext.stdout and "0660" in helptext.stdout
+    for flag in ("-f", "-d", "-a", "-p", "-s", "-M", "-C", "-F", "-b", "-P", "-n", "-c", "-S"):
+        assert f"{flag} " in helptext.stdout or f"{flag}," in helptext.stdout, flag
+    for flag in ("-u", "-g", "-U", "-G", "--wsgi", "--fd", "--pass", "--graceful-timeout"):
+        assert flag in helptext.stdout, flag
+
+
+def test_wsgi_without_an_inherited_socket_says_so() -> None:
+    proc = run("--wsgi", "examples.hello:app")
+    assert_one_clear_line(proc, 1, "no listening socket")
+
+
+def test_socket_in_use_is_refused_and_left_alone(sockdir: Path) -> None:
+    import socket
+
+    path = sockdir / "live.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen()
+        proc = run("-n", "-s", str(path), "--", "/bin/cat")
+        assert_one_clear_line(proc, 1, "already in use")
+        assert path.exists()
+
+
+def test_detaching_mode_reports_a_crash_loop_before_returning(sockdir: Path) -> None:
+    proc = run(
+        "-s",
+        str(sockdir / "a.sock"),
+        "--crash-limit",
+        "2",
+        "--crash-window",
+        "5",
+        "--",
+        "/bin/false",
+    )
+    assert_one_clear_line(proc, 1, "workers keep dying")
+    assert not (sockdir / "a.sock").exists()
