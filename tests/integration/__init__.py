@@ -1,0 +1,1 @@
+"""Integration tests: real web servers and FastCGI tools on loopback and UNIX sockets."""

@@ -1,0 +1,554 @@
+"""Issue 3 (spawner and supervisor) against real servers, real processes and real signals.
+
+The ``test_reference_*`` tests run the same fixtures with the programs fcgispawn replaces
+(spawn-fcgi, lighttpd's own spawner, mod_fcgid): when they pass and an fcgispawn test fails, the
+fault is in fcgispawn, not in the test infrastructure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.integration.servers import (
+    APP,
+    HttpResponse,
+    HttpServer,
+    Servers,
+    cgi_fcgi,
+    children_of,
+    listen_queue,
+    marked_pids,
+    parse_wrk,
+    pid_alive,
+    proc_environ,
+    proc_ids,
+    require_binary,
+    socket_inode,
+    tcp_listen_addresses,
+    wait_until,
+)
+from tests.procs import can_connect_unix, fcgispawn_argv, free_port
+
+pytestmark = pytest.mark.integration
+
+C_HELLO = re.compile(r"^hello from C pid (\d+)$")
+
+
+def _c_pid(text: str) -> int:
+    m = C_HELLO.match(text.strip())
+    assert m is not None, f"not the C app's answer: {text!r}"
+    return int(m.group(1))
+
+
+# ---- reference: the fixtures with the programs fcgispawn replaces ------------------------------
+
+
+def test_reference_nginx_serves_c_app_under_spawn_fcgi(servers: Servers, c_hello_app: Path) -> None:
+    sock = servers.workdir / "c.sock"
+    app = servers.spawn_fcgi([str(c_hello_app)], socket_path=sock)
+    nginx = servers.nginx(str(sock))
+    resp = nginx.get("/")
+    assert resp.status == 200
+    assert _c_pid(resp.text) == app.pid
+    assert resp.header("Content-Type") == "text/plain"
+
+
+def test_reference_nginx_serves_c_app_over_tcp(servers: Servers, c_hello_app: Path) -> None:
+    port = free_port()
+    app = servers.spawn_fcgi([str(c_hello_app)], port=port)
+    nginx = servers.nginx(f"127.0.0.1:{port}", keep_conn=True)
+    for _ in range(3):
+        assert _c_pid(nginx.get("/").text) == app.pid
+
+
+def test_reference_cgi_fcgi_talks_to_c_app(servers: Servers, c_hello_app: Path) -> None:
+    sock = servers.workdir / "c.sock"
+    app = servers.spawn_fcgi([str(c_hello_app)], socket_path=sock)
+    resp = cgi_fcgi(str(sock), "GET", "/")
+    assert resp.status == 200
+    assert _c_pid(resp.text) == app.pid
+
+
+def test_reference_lighttpd_connects_to_existing_socket(
+    servers: Servers, c_hello_app: Path
+) -> None:
+    sock = servers.workdir / "c.sock"
+    app = servers.spawn_fcgi([str(c_hello_app)], socket_path=sock)
+    lighttpd = servers.lighttpd(sock)
+    assert _c_pid(lighttpd.get("/x").text) == app.pid
+
+
+def test_reference_lighttpd_bin_path_spawns_c_app(servers: Servers, c_hello_app: Path) -> None:
+    lighttpd = servers.lighttpd(servers.workdir / "lt.sock", bin_path=[str(c_hello_app)])
+    resp = lighttpd.get("/")
+    assert resp.status == 200
+    assert _c_pid(resp.text) > 0
+
+
+def test_reference_nginx_serves_php_under_spawn_fcgi(
+    servers: Servers, php_cgi: str, php_docroot: Path
+) -> None:
+    sock = servers.workdir / "php.sock"
+    servers.spawn_fcgi([php_cgi], socket_path=sock, extra=["-C", "2"])
+    nginx = servers.nginx(str(sock), php_root=php_docroot)
+    resp = nginx.get("/index.php")
+    assert resp.status == 200, resp.text
+    assert "hello from php pid" in resp.text
+    assert "PHP_FCGI_CHILDREN=2" in resp.text
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_reference_apache_proxy_fcgi_serves_c_app(
+    servers: Servers, c_hello_app: Path, transport: str
+) -> None:
+    if transport == "unix":
+        sock = servers.workdir / "c.sock"
+        app = servers.spawn_fcgi([str(c_hello_app)], socket_path=sock)  # 0666: www-data
+        apache = servers.apache_proxy(f"unix:{sock}")
+    else:
+        port = free_port()
+        app = servers.spawn_fcgi([str(c_hello_app)], port=port)
+        apache = servers.apache_proxy(f"127.0.0.1:{port}")
+    resp = apache.get("/hello")
+    assert resp.status == 200, resp.text
+    assert _c_pid(resp.text) == app.pid
+
+
+def test_reference_apache_fcgid_spawns_c_app_as_www_data(
+    servers: Servers, c_hello_app: Path
+) -> None:
+    apache = servers.apache_fcgid([str(c_hello_app)])
+    resp = apache.get("/hello")
+    assert resp.status == 200, resp.text
+    assert proc_ids(_c_pid(resp.text)) == (33, 33)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def wait_workers(
+    supervisor: int,
+    count: int,
+    *,
+    exclude: set[int] | frozenset[int] = frozenset(),
+    timeout: float = 10.0,
+) -> list[int]:
+    """The supervisor's children once ``count`` of them (not in ``exclude``) have exec'd their
+    program (cmdline no longer the supervisor's: set-up, privilege drop and dup2 are done)."""
+    found: list[int] = []
+    parent = _cmdline(supervisor)
+
+    def enough() -> bool:
+        nonlocal found
+        found = [
+            p
+            for p in children_of(supervisor)
+            if p not in exclude and _cmdline(p) not in (b"", parent)
+        ]
+        return len(found) >= count
+
+    assert wait_until(enough, timeout), (
+        f"supervisor {supervisor}: {len(found)} new worker(s) after {timeout}s, wanted {count} "
+        f"(children now: {children_of(supervisor)})"
+    )
+    return found
+
+
+def concurrent_gets(
+    server: HttpServer, targets: list[str], timeout: float = 30.0
+) -> list[HttpResponse]:
+    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        return list(pool.map(lambda t: server.get(t, timeout=timeout), targets))
+
+
+def start_c_workers(
+    servers: Servers, c_hello_app: Path, workers: int = 2, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
+    sock = servers.workdir / "c.sock"
+    proc = servers.fcgispawn(
+        ["-n", "-s", str(sock), "-F", str(workers), *extra, "--", str(c_hello_app)],
+        wait_unix=sock,
+    )
+    return proc, sock, wait_workers(proc.pid, workers)
+
+
+# ---- the spawner behind real nginx ------------------------------------------------------------
+
+
+def test_c_libfcgi_app_with_two_workers_behind_nginx_is_served_by_both(
+    servers: Servers, c_hello_app: Path
+) -> None:
+    proc, sock, workers = start_c_workers(servers, c_hello_app, 2)
+    nginx = servers.nginx(str(sock))
+    resp = nginx.get("/")
+    assert resp.status == 200
+    assert _c_pid(resp.text) in workers
+    # Two requests that each hold a worker 300 ms must be served by the two workers at once.
+    both = concurrent_gets(nginx, ["/?sleep_ms=300", "/?sleep_ms=300"])
+    assert [r.status for r in both] == [200, 200]
+    assert {_c_pid(r.text) for r in both} == set(workers)
+    assert proc.poll() is None
+
+
+def test_php_cgi_with_C_2_behind_nginx_serves_a_php_file(
+    servers: Servers, php_cgi: str, php_docroot: Path
+) -> None:
+    sock = servers.workdir / "php.sock"
+    proc = servers.fcgispawn(["-n", "-C", "2", "-s", str(sock), "--", "php-cgi"], wait_unix=sock)
+    (worker,) = wait_workers(proc.pid, 1)
+    nginx = servers.nginx(str(sock), php_root=php_docroot)
+    resp = nginx.get("/index.php")
+    assert resp.status == 200, resp.text
+    assert "hello from php pid" in resp.text
+    assert "PHP_FCGI_CHILDREN=2" in resp.text
+    # php-cgi itself forks PHP_FCGI_CHILDREN children under the one worker fcgispawn started.
+    assert wait_until(lambda: len(children_of(worker)) == 2, 5), children_of(worker)
+    assert proc_environ(worker).get("PHP_FCGI_CHILDREN") == "2"
+
+
+def test_wsgi_runtime_with_two_workers_behind_nginx_is_served_by_both(servers: Servers) -> None:
+    sock = servers.workdir / "wsgi.sock"
+    proc = servers.fcgispawn(
+        ["-n", "-s", str(sock), "-F", "2", "--threads", "2", "--wsgi", APP], wait_unix=sock
+    )
+    workers = wait_workers(proc.pid, 2)
+    nginx = servers.nginx(str(sock))
+    resp = nginx.get("/pid")
+    assert resp.status == 200, resp.text
+    assert int(resp.text.split()[1]) in workers
+    # 6 requests of 0.4 s at once need more than one worker's 2 threads.
+    tokens = [f"t{i}" for i in range(6)]
+    answers = concurrent_gets(nginx, [f"/token?t={t}&sleep=0.4" for t in tokens])
+    assert [r.status for r in answers] == [200] * 6
+    pids = set()
+    for token, r in zip(tokens, answers, strict=True):
+        m = re.fullmatch(rf"token {token} pid (\d+)\n", r.text)
+        assert m is not None, r.text
+        pids.add(int(m.group(1)))
+    assert pids == set(workers)
+    assert proc.poll() is None
+
+
+# ---- supervision ------------------------------------------------------------------------------
+
+
+def test_killed_worker_is_replaced_within_1s_while_the_other_keeps_answering(
+    servers: Servers, c_hello_app: Path
+) -> None:
+    proc, sock, workers = start_c_workers(servers, c_hello_app, 2)
+    nginx = servers.nginx(str(sock))
+    victim, survivor = workers
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    # kill() only queues the signal: until the victim is really dead it may still accept a
+    # connection (and take it down with it). Requests start once it is gone.
+    assert wait_until(lambda: not pid_alive(victim), 1.0), f"{victim} survived SIGKILL"
+    seen_new: int | None = None
+    statuses: list[int] = []
+    # Rounds of two concurrent 200 ms requests: while only the survivor is up both go to it
+    # (and must succeed); once the replacement accepts, the pair is split between the two.
+    while time.monotonic() - killed_at < 1.0 and seen_new is None:
+        pair = concurrent_gets(nginx, ["/?sleep_ms=200", "/?sleep_ms=200"], timeout=5)
+        statuses += [r.status for r in pair]
+        for r in pair:
+            pid = _c_pid(r.text)
+            assert pid != victim
+            if pid != survivor:
+                seen_new = pid
+    elapsed = time.monotonic() - killed_at
+    assert statuses and all(s == 200 for s in statuses), statuses
+    assert seen_new is not None, f"no replacement worker answered within {elapsed:.2f}s"
+    assert elapsed <= 1.0, f"replacement answered only after {elapsed:.2f}s"
+    assert seen_new in children_of(proc.pid)
+    assert survivor in children_of(proc.pid)
+
+
+def test_hup_twice_under_wrk_load_loses_no_request_and_replaces_every_worker(
+    servers: Servers,
+) -> None:
+    wrk = require_binary("wrk", "wrk")
+    sock = servers.workdir / "wsgi.sock"
+    proc = servers.fcgispawn(
+        ["-n", "-s", str(sock), "-F", "2", "--graceful-timeout", "15", "--wsgi", APP],
+        wait_unix=sock,
+    )
+    first = set(wait_workers(proc.pid, 2))
+    nginx = servers.nginx(str(sock))
+    assert nginx.get("/hello").status == 200
+    load = servers.start(
+        "wrk", [wrk, "-t1", "-c16", "-d6s", "--timeout", "4s", f"{nginx.url}/hello"]
+    )
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        time.sleep(0.5)
+        slow = pool.submit(nginx.get, "/slow_pid?s=3", timeout=30)
+        time.sleep(0.5)  # the 3 s request is now in a worker
+        os.kill(proc.pid, signal.SIGHUP)
+        second = set(wait_workers(proc.pid, 2, exclude=first, timeout=5))
+        time.sleep(max(0.0, 3.5 - (time.monotonic() - started)))
+        os.kill(proc.pid, signal.SIGHUP)
+        third = set(wait_workers(proc.pid, 2, exclude=first | second, timeout=5))
+        slow_resp = slow.result(timeout=30)
+    load.wait(30)
+    out, err = servers.output(load)
+    result = parse_wrk(out)
+    assert load.returncode == 0, err
+    assert slow_resp.status == 200, slow_resp.text
+    assert slow_resp.text.startswith("slow done pid ")
+    assert int(slow_resp.text.split()[-1]) in first, "it ran in a first-generation worker"
+    assert result.requests > 100, result.output
+    assert result.non_2xx == 0, result.output
+    assert result.socket_errors == {"connect": 0, "read": 0, "write": 0, "timeout": 0}, (
+        result.output
+    )
+    # Every old worker has drained and exited; only the third generation remains.
+    assert wait_until(lambda: set(children_of(proc.pid)) == third, 15), (
+        f"children {children_of(proc.pid)}, third generation {third}"
+    )
+    assert first.isdisjoint(third) and second.isdisjoint(third)
+    assert proc.poll() is None
+
+
+def test_term_lets_an_in_flight_request_finish_then_stops_everything(servers: Servers) -> None:
+    sock = servers.workdir / "wsgi.sock"
+    grace = 5.0
+    proc = servers.fcgispawn(
+        ["-n", "-s", str(sock), "-F", "2", "--graceful-timeout", str(grace), "--wsgi", APP],
+        wait_unix=sock,
+    )
+    workers = wait_workers(proc.pid, 2)
+    nginx = servers.nginx(str(sock))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow = pool.submit(nginx.get, "/slow_pid?s=1.5", timeout=30)
+        time.sleep(0.5)  # the request is in a worker now
+        os.kill(proc.pid, signal.SIGTERM)
+        resp = slow.result(timeout=30)
+    assert resp.status == 200, resp.text
+    assert int(resp.text.split()[-1]) in workers
+    try:
+        proc.wait(grace + 1)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the supervisor did not exit within the {grace}s grace period")
+    assert proc.returncode == 0, servers.output(proc)[1]
+    assert not any(pid_alive(p) for p in workers)
+    assert not sock.exists(), "the socket file outlived the supervisor"
+
+
+def test_crash_loop_gives_up_and_exits_1_with_the_reason(servers: Servers) -> None:
+    sock = servers.workdir / "crash.sock"
+    proc = servers.fcgispawn(["-n", "-s", str(sock), "--", "sh", "-c", "exit 3"])
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("fcgispawn kept restarting a COMMAND that exits at once for 60 s")
+    _out, err = servers.output(proc)
+    assert proc.returncode == 1, f"status {proc.returncode}\n{err}"
+    assert re.search(r"(status|code)\D{0,3}3\b", err), err
+    assert re.search(r"crash|gave up|giving up|too many|too often", err, re.I), err
+
+
+# ---- sockets ----------------------------------------------------------------------------------
+
+
+def test_live_socket_is_refused_and_left_listening(servers: Servers, c_hello_app: Path) -> None:
+    path = servers.workdir / "live.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as owner:
+        owner.bind(str(path))
+        owner.listen(8)
+        inode = path.stat().st_ino
+        rc, _out, err = servers.run_fcgispawn(["-n", "-s", str(path), "--", str(c_hello_app)])
+        assert rc == 1, err
+        assert str(path) in err
+        assert path.stat().st_ino == inode
+        assert can_connect_unix(path)
+        owner.settimeout(2)
+        conn, _ = owner.accept()  # the probe above reached the original owner
+        conn.close()
+
+
+def test_stale_socket_is_replaced_and_served(servers: Servers, c_hello_app: Path) -> None:
+    path = servers.workdir / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))  # closed without unlink: a socket file nobody listens on
+    assert stat.S_ISSOCK(path.lstat().st_mode)
+    proc = servers.fcgispawn(["-n", "-s", str(path), "--", str(c_hello_app)], wait_unix=path)
+    (worker,) = wait_workers(proc.pid, 1)
+    resp = cgi_fcgi(str(path))
+    assert resp.status == 200
+    assert _c_pid(resp.text) == worker
+
+
+def test_regular_file_at_socket_path_is_untouched(servers: Servers, c_hello_app: Path) -> None:
+    path = servers.workdir / "precious.sock"
+    path.write_bytes(b"precious data\n")
+    rc, _out, err = servers.run_fcgispawn(["-n", "-s", str(path), "--", str(c_hello_app)])
+    assert rc == 1, err
+    assert str(path) in err
+    assert path.read_bytes() == b"precious data\n"
+    assert stat.S_ISREG(path.lstat().st_mode)
+
+
+@pytest.mark.parametrize(
+    ("args", "umask", "expected"),
+    [
+        (["-M", "0600"], "022", 0o600),
+        (["-M", "0777"], "077", 0o777),
+        ([], "077", 0o660),  # the default ignores the umask (deliberate difference)
+        ([], "000", 0o660),
+    ],
+    ids=["M0600", "M0777-umask077", "default-umask077", "default-umask000"],
+)
+def test_socket_mode_follows_M(
+    servers: Servers, c_hello_app: Path, args: list[str], umask: str, expected: int
+) -> None:
+    path = servers.workdir / "mode.sock"
+    cmd = " ".join([*fcgispawn_argv(), "-n", "-s", str(path), *args, "--", str(c_hello_app)])
+    proc = servers.start("fcgispawn-umask", ["sh", "-c", f"umask {umask}; exec {cmd}"])
+    servers.wait_unix(path, what="fcgispawn", proc=proc)
+    st = path.lstat()
+    assert stat.S_ISSOCK(st.st_mode)
+    assert oct(stat.S_IMODE(st.st_mode)) == oct(expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "owner"),
+    [
+        (["-U", "nobody", "-G", "nogroup"], (65534, 65534)),
+        (["-U", "www-data"], (33, 33)),  # -G defaults to -U's primary group (spawn-fcgi)
+        (["-G", "www-data"], (0, 33)),
+    ],
+    ids=["U-and-G", "U-only", "G-only"],
+)
+def test_socket_owner_follows_U_and_G(
+    servers: Servers, c_hello_app: Path, args: list[str], owner: tuple[int, int]
+) -> None:
+    path = servers.workdir / "owner.sock"
+    servers.fcgispawn(["-n", "-s", str(path), *args, "--", str(c_hello_app)], wait_unix=path)
+    st = path.lstat()
+    assert (st.st_uid, st.st_gid) == owner
+
+
+@pytest.mark.parametrize(("args", "backlog"), [(["-b", "7"], 7), ([], 1024)], ids=["b7", "default"])
+def test_listen_backlog_follows_b_as_ss_shows(
+    servers: Servers, c_hello_app: Path, args: list[str], backlog: int
+) -> None:
+    path = servers.workdir / "backlog.sock"
+    proc = servers.fcgispawn(["-n", "-s", str(path), *args, "--", str(c_hello_app)], wait_unix=path)
+    (worker,) = wait_workers(proc.pid, 1)
+    assert listen_queue(unix_inode=socket_inode(worker, 0)) == backlog
+
+
+def test_tcp_listen_backlog_follows_b_as_ss_shows(servers: Servers, c_hello_app: Path) -> None:
+    port = free_port()
+    servers.fcgispawn(
+        ["-n", "-p", str(port), "-b", "9", "--", str(c_hello_app)], wait_tcp=("127.0.0.1", port)
+    )
+    assert listen_queue(tcp_local=f"127.0.0.1:{port}") == 9
+
+
+def test_ipv6_loopback_address_and_port_serve_behind_nginx(
+    servers: Servers, c_hello_app: Path
+) -> None:
+    port = free_port("::1")
+    proc = servers.fcgispawn(
+        ["-n", "-a", "::1", "-p", str(port), "--", str(c_hello_app)], wait_tcp=("::1", port)
+    )
+    (worker,) = wait_workers(proc.pid, 1)
+    assert tcp_listen_addresses(port) == [f"[::1]:{port}"]
+    nginx = servers.nginx(f"[::1]:{port}")
+    resp = nginx.get("/")
+    assert resp.status == 200
+    assert _c_pid(resp.text) == worker
+
+
+def test_tcp_port_binds_127_0_0_1_by_default(servers: Servers, c_hello_app: Path) -> None:
+    port = free_port()
+    proc = servers.fcgispawn(
+        ["-n", "-p", str(port), "--", str(c_hello_app)], wait_tcp=("127.0.0.1", port)
+    )
+    wait_workers(proc.pid, 1)
+    assert tcp_listen_addresses(port) == [f"127.0.0.1:{port}"]
+    resp = cgi_fcgi(f"127.0.0.1:{port}")
+    assert resp.status == 200
+
+
+# ---- privileges -------------------------------------------------------------------------------
+
+
+def test_workers_run_as_nobody_with_u(servers: Servers, c_hello_app: Path) -> None:
+    proc, sock, workers = start_c_workers(servers, c_hello_app, 2, extra=["-u", "nobody"])
+    for pid in workers:
+        assert proc_ids(pid) == (65534, 65534), f"worker {pid}"
+    assert proc_ids(proc.pid) == (0, 0)  # the supervisor keeps root to bind and restart
+    resp = cgi_fcgi(str(sock))
+    assert _c_pid(resp.text) in workers
+
+
+# ---- detaching mode (no -n) ---------------------------------------------------------------------
+
+
+def test_detached_start_exits_0_and_term_via_pid_file_stops_everything(
+    servers: Servers, c_hello_app: Path
+) -> None:
+    sock = servers.workdir / "daemon.sock"
+    pidfile = servers.workdir / "fcgispawn.pid"
+    grace = 3.0
+    rc, out, err = servers.run_fcgispawn(
+        [
+            "-s",
+            str(sock),
+            "-F",
+            "2",
+            "-P",
+            str(pidfile),
+            "--graceful-timeout",
+            str(grace),
+            "--",
+            str(c_hello_app),
+        ],
+        timeout=20,
+    )
+    assert rc == 0, f"stdout: {out}\nstderr: {err}"
+    supervisor = int(pidfile.read_text().split()[0])
+    assert pid_alive(supervisor), "the pid file names no live supervisor"
+    assert str(supervisor) in out + err, "the supervisor pid is printed"
+    workers = wait_workers(supervisor, 2)
+    resp = cgi_fcgi(str(sock))
+    assert resp.status == 200
+    assert _c_pid(resp.text) in workers
+
+    os.kill(supervisor, signal.SIGTERM)
+    stopped = wait_until(
+        lambda: not any(pid_alive(p) for p in [supervisor, *workers]) and not sock.exists(),
+        grace + 1.0,
+    )
+    alive = [p for p in [supervisor, *workers] if pid_alive(p)]
+    assert stopped, f"within {grace + 1}s: still alive {alive}, socket exists {sock.exists()}"
+
+
+def test_detached_start_with_bad_command_fails_before_returning(servers: Servers) -> None:
+    sock = servers.workdir / "bad.sock"
+    missing = "/nonexistent/fcgi-app"
+    rc, out, err = servers.run_fcgispawn(["-s", str(sock), "--", missing], timeout=20)
+    assert rc != 0, f"stdout: {out}\nstderr: {err}"
+    assert missing in err
+    # Nothing was left running in the background.
+    assert wait_until(lambda: not marked_pids(servers.mark), 3), marked_pids(servers.mark)
