@@ -4,11 +4,11 @@ Why this module is careful about UNIX socket files:
 
 * A socket file must never be reachable with a wider mode, or with another owner, than the one
   asked for -- not even for the microseconds between ``bind()`` and ``chmod()``. A web server's
-  group is usually allowed in, everybody else must never be. So the socket is bound to a
-  temporary name in the same directory while the umask is fully restrictive (mode 0000), then
-  chowned and chmodded, then ``listen()``-ed, and only then moved over the target name with
-  ``link()`` (no existing target) or ``rename()`` (replacing a dead socket). Both are atomic:
-  a client sees either the old state or the finished socket.
+  group is usually allowed in, everybody else must never be. So the socket is bound while the
+  umask is fully restrictive (the file appears with mode 0000), then chowned and chmodded, and
+  only then ``listen()``-ed: until listen() nobody can connect at all. It is bound at its final
+  name (not a temporary one renamed into place) because the kernel keeps the bind name as the
+  socket's address: ``ss -lx`` and ``getsockname()`` must show the path the user gave.
 * A path is only ever replaced when it is a socket nobody listens on (``connect()`` is refused).
   A live listener is never taken over, and a regular file, directory or symlink is never
   removed: a typo in ``-s`` must not destroy data.
@@ -25,7 +25,6 @@ import contextlib
 import errno
 import ipaddress
 import os
-import secrets
 import socket
 import stat
 from dataclasses import dataclass, field
@@ -375,9 +374,6 @@ def _bind_unix(address: UnixAddress, options: BindOptions) -> Listener:
         ) from None
     try:
         _check_directory(dirfd, directory, path)
-        # Fail fast, before any temporary file exists; _install() checks again at the end.
-        with contextlib.suppress(FileNotFoundError):
-            _refuse_unless_dead_socket(os.lstat(base, dir_fd=dirfd), path)
         return _bind_unix_in(dirfd, directory, base, address, options)
     finally:
         os.close(dirfd)
@@ -398,32 +394,34 @@ def _check_directory(dirfd: int, directory: str, path: str) -> None:
 def _bind_unix_in(
     dirfd: int, directory: str, base: str, address: UnixAddress, options: BindOptions
 ) -> Listener:
-    """Everything below is relative to ``dirfd``, so a renamed parent cannot redirect us."""
+    """Bind at the final path, never wider than asked, never over a live or foreign file.
+
+    The socket is bound at its real name, not at a temporary one renamed into place: the
+    kernel records the bind name as the socket's address, and ``ss -lx``, ``getsockname()``
+    and every operator's grep must show the path the user gave. The mode is still never wider
+    than asked: the file is created with mode 0000 (umask 0777 for the one bind call), given
+    its owner, then its mode, and only then does listen() let anyone connect.
+    """
     path = address.path
     mode = options.mode if options.mode is not None else 0o777 & ~_current_umask()
-    temp = f".{base[:40]}.{secrets.token_hex(6)}.tmp"
-    bind_name = os.path.join(directory, temp)
-    if len(os.fsencode(bind_name)) > SUN_PATH_MAX:
-        # The temporary name is longer than the target; reach the directory through its fd.
-        bind_name = f"/proc/self/fd/{dirfd}/{temp}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     identity: tuple[int, int] | None = None
     try:
+        _remove_stale(dirfd, base, path)
         # os.umask is process-wide: any thread creating a file right now would get mode 0000
-        # too. It is held for the single bind() call only, at startup, before threads exist;
-        # it makes the kernel create the file with mode 0000, so it is never wider than asked.
+        # too. It is held for the single bind() call only, at startup, before threads exist.
         old_umask = os.umask(0o777)
         try:
-            sock.bind(bind_name)
+            sock.bind(path)
         finally:
             os.umask(old_umask)
-        st = os.lstat(temp, dir_fd=dirfd)
+        st = os.lstat(base, dir_fd=dirfd)
         identity = (st.st_dev, st.st_ino)
         if options.uid is not None or options.gid is not None:
             uid = -1 if options.uid is None else options.uid
             gid = -1 if options.gid is None else options.gid
             try:
-                os.chown(temp, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+                os.chown(base, uid, gid, dir_fd=dirfd, follow_symlinks=False)
             except OSError as exc:
                 raise SocketError(
                     f"cannot give socket {path} to uid {uid} gid {gid}: {_strerror(exc)}",
@@ -434,25 +432,22 @@ def _bind_unix_in(
                     else None,
                 ) from None
         # Owner first, then mode: the permissions are never granted to the wrong owner.
-        # (Linux has no lchmod; the name is our fresh random one, checked again just below.)
-        os.chmod(temp, mode, dir_fd=dirfd)
-        st = os.lstat(temp, dir_fd=dirfd)
+        # (Linux has no lchmod; the identity check just below catches a swapped file.)
+        os.chmod(base, mode, dir_fd=dirfd)
+        st = os.lstat(base, dir_fd=dirfd)
         if (st.st_dev, st.st_ino) != identity or not stat.S_ISSOCK(st.st_mode):
-            raise SocketError(
-                f"temporary socket file {os.path.join(directory, temp)} was replaced while "
-                f"binding {path}",
-                address=path,
-            )
+            raise SocketError(f"socket file {path} was replaced while binding it", address=path)
         sock.listen(options.backlog)
-        _install(dirfd, temp, base, identity, path)
     except BaseException as exc:
         sock.close()
         if identity is not None:
-            _unlink_if(dirfd, temp, identity)
+            _unlink_if(dirfd, base, identity)
         if isinstance(exc, OSError):
             hint = None
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 hint = f"the directory {directory} must be writable by this user"
+            elif exc.errno == errno.EADDRINUSE:
+                hint = "another process created it meanwhile; is a second instance starting?"
             raise SocketError(
                 f"cannot bind socket {path}: {_strerror(exc)}",
                 address=path,
@@ -463,40 +458,14 @@ def _bind_unix_in(
     return Listener(sock, address, identity, os.path.abspath(path))
 
 
-def _install(dirfd: int, temp: str, base: str, identity: tuple[int, int], path: str) -> None:
-    """Move the finished socket over ``base``: never over a live listener or a non-socket.
-
-    A missing target is created with ``link()`` (fails if something appeared meanwhile);
-    a dead socket is replaced with ``rename()`` after checking it is still the one we
-    probed. Bounded retries cover a racing creator.
-    """
-    for _attempt in range(5):
-        try:
-            st = os.lstat(base, dir_fd=dirfd)
-        except FileNotFoundError:
-            try:
-                os.link(temp, base, src_dir_fd=dirfd, dst_dir_fd=dirfd, follow_symlinks=False)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                # A filesystem without hard links: rename() is still atomic, only the
-                # "appeared meanwhile" case is not caught.
-                os.rename(temp, base, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-                return
-            os.unlink(temp, dir_fd=dirfd)
-            return
-        _refuse_unless_dead_socket(st, path)
-        try:
-            again = os.lstat(base, dir_fd=dirfd)
-        except FileNotFoundError:
-            continue  # removed meanwhile: link() it on the next round
-        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
-            continue
-        os.rename(temp, base, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+def _remove_stale(dirfd: int, base: str, path: str) -> None:
+    """Unlink ``base`` only if it is a socket nobody listens on, and still the one probed."""
+    try:
+        st = os.lstat(base, dir_fd=dirfd)
+    except FileNotFoundError:
         return
-    raise SocketError(f"socket {path} keeps changing while binding", address=path)
+    _refuse_unless_dead_socket(st, path)
+    _unlink_if(dirfd, base, (st.st_dev, st.st_ino))
 
 
 def _refuse_unless_dead_socket(st: os.stat_result, path: str) -> None:

@@ -204,40 +204,27 @@ def test_out_of_range_mode_is_refused(sockdir: Path, mode: int) -> None:
 
 
 @pytest.mark.parametrize("mask", [0o000, 0o022])
-def test_socket_file_is_mode_0000_right_after_bind_and_final_before_it_appears(
+def test_socket_file_is_mode_0000_right_after_bind_and_final_before_it_listens(
     sockdir: Path,
     umask: Callable[[int], None],
     listeners: list[Listener],
     monkeypatch: pytest.MonkeyPatch,
     mask: int,
 ) -> None:
-    """Checked at the two moments that matter: before chmod, and just before the target
-    name appears (link/rename). Until then the target path does not exist at all."""
+    """Checked at the two moments that matter: right after bind (before chmod) and after
+    chmod; listen() comes only after both, so nobody can connect while it is wider."""
     umask(mask)
     target = sockdir / "app.sock"
-    seen: list[tuple[str, int, bool]] = []
-    real_chmod, real_link, real_rename = os.chmod, os.link, os.rename
-
-    def temp_modes() -> list[int]:
-        return [mode_of(sockdir / name) for name in os.listdir(sockdir) if name != target.name]
+    seen: list[int] = []
+    real_chmod = os.chmod
 
     def spy_chmod(*args: Any, **kwargs: Any) -> None:
-        seen.extend(("chmod", m, target.exists()) for m in temp_modes())
+        seen.append(mode_of(target))
         real_chmod(*args, **kwargs)
 
-    def spy_link(*args: Any, **kwargs: Any) -> None:
-        seen.extend(("link", m, target.exists()) for m in temp_modes())
-        real_link(*args, **kwargs)
-
-    def spy_rename(*args: Any, **kwargs: Any) -> None:
-        seen.extend(("rename", m, target.exists()) for m in temp_modes())
-        real_rename(*args, **kwargs)
-
     monkeypatch.setattr(os, "chmod", spy_chmod)
-    monkeypatch.setattr(os, "link", spy_link)
-    monkeypatch.setattr(os, "rename", spy_rename)
     listeners.append(bind(UnixAddress(str(target)), BindOptions(mode=0o600)))
-    assert seen == [("chmod", 0o000, False), ("link", 0o600, False)]
+    assert seen == [0o000]
     assert mode_of(target) == 0o600
     assert os.listdir(sockdir) == ["app.sock"]
 
@@ -323,7 +310,7 @@ def test_mode_and_owner_decide_who_may_connect(sockdir: Path, listeners: list[Li
 
 def test_chown_failure_leaves_nothing_behind(sockdir: Path) -> None:
     if os.geteuid() == 0:
-        sockdir.chmod(0o777 | stat.S_ISVTX)  # nobody may create the temporary file
+        sockdir.chmod(0o777 | stat.S_ISVTX)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child: an unprivileged process cannot give files away
             try:
@@ -395,11 +382,9 @@ def test_stale_socket_is_replaced(sockdir: Path, listeners: list[Listener]) -> N
     dead.bind(str(path))
     dead.listen(1)
     dead.close()  # the file stays, nobody listens: connect() is refused
-    old = os.lstat(path).st_ino
     assert not connectable(path)
     listener = bind(UnixAddress(str(path)), BindOptions(mode=0o600))
     listeners.append(listener)
-    assert os.lstat(path).st_ino != old
     assert listener.identity == (os.lstat(path).st_dev, os.lstat(path).st_ino)
     assert mode_of(path) == 0o600
     assert connectable(path)
@@ -492,7 +477,7 @@ def test_too_long_path_is_a_config_error_with_the_length() -> None:
         bind(UnixAddress(path))
 
 
-def test_long_directory_still_works_when_the_temporary_name_would_not_fit(
+def test_a_path_of_the_full_107_bytes_binds(
     sockdir: Path, listeners: list[Listener]
 ) -> None:
     deep = sockdir / ("d" * (100 - len(str(sockdir))))
@@ -553,6 +538,8 @@ def test_close_leaves_a_newer_instances_socket(sockdir: Path) -> None:
     path = sockdir / "app.sock"
     old = bind(UnixAddress(str(path)))
     old.sock.close()  # old instance died without cleaning up: its file is now stale
+    # Keep the old inode allocated so the new file cannot reuse its number (tmpfs does).
+    os.link(path, sockdir / "old-inode")
     new = bind(UnixAddress(str(path)))  # takes over the stale path
     try:
         old.close()
@@ -822,16 +809,17 @@ def test_a_file_that_appears_while_binding_is_not_clobbered(
     sockdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Race: the path was free when checked, then someone created a file there."""
+    import fcgispawn.sockets as sockets_mod
+
     target = sockdir / "app.sock"
-    real_link = os.link
+    real_remove = sockets_mod._remove_stale
 
-    def racing_link(*args: Any, **kwargs: Any) -> None:
-        if not target.exists():
-            target.write_text("arrived meanwhile")
-        real_link(*args, **kwargs)
+    def racing_remove(*args: Any, **kwargs: Any) -> None:
+        real_remove(*args, **kwargs)
+        target.write_text("arrived meanwhile")
 
-    monkeypatch.setattr(os, "link", racing_link)
-    with pytest.raises(SocketError, match="it is a regular file"):
+    monkeypatch.setattr(sockets_mod, "_remove_stale", racing_remove)
+    with pytest.raises(SocketError, match="Address already in use"):
         bind(UnixAddress(str(target)))
     assert target.read_text() == "arrived meanwhile"
     assert os.listdir(sockdir) == ["app.sock"]
@@ -840,18 +828,19 @@ def test_a_file_that_appears_while_binding_is_not_clobbered(
 def test_a_live_listener_that_appears_while_binding_is_not_taken_over(
     sockdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import fcgispawn.sockets as sockets_mod
+
     target = sockdir / "app.sock"
-    real_link = os.link
     rival = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    real_remove = sockets_mod._remove_stale
 
-    def racing_link(*args: Any, **kwargs: Any) -> None:
-        if not target.exists():
-            rival.bind(str(target))
-            rival.listen(1)
-        real_link(*args, **kwargs)
+    def racing_remove(*args: Any, **kwargs: Any) -> None:
+        real_remove(*args, **kwargs)
+        rival.bind(str(target))
+        rival.listen(1)
 
-    monkeypatch.setattr(os, "link", racing_link)
-    with rival, pytest.raises(SocketError, match="already in use"):
+    monkeypatch.setattr(sockets_mod, "_remove_stale", racing_remove)
+    with rival, pytest.raises(SocketError, match="Address already in use"):
         bind(UnixAddress(str(target)))
     assert os.listdir(sockdir) == ["app.sock"]
 
@@ -868,13 +857,13 @@ def test_a_stale_socket_removed_while_binding_is_fine(
 
     def vanishing_connect(self: socket.socket, address: Any) -> None:
         calls[0] += 1
-        if calls[0] == 2 and address == str(target):  # the second probe, in _install
+        if calls[0] == 1 and address == str(target):  # the liveness probe
             os.unlink(target)
         real_connect(self, address)
 
     monkeypatch.setattr(socket.socket, "connect", vanishing_connect)
     listeners.append(bind(UnixAddress(str(target))))
     monkeypatch.undo()
-    assert calls[0] == 2
+    assert calls[0] == 1
     assert connectable(target)
     assert os.listdir(sockdir) == ["app.sock"]
