@@ -14,7 +14,7 @@ def __getattr__(name: str) -> object:
     # Lazy so that ``import fcgispawn`` (e.g. for __version__ in the CLI or the supervisor)
     # does not pull in the responder's threads and protocol code.
     if name == "serve":
-        from fcgispawn.server import serve
+        from fcgispawn.runtime import serve
 
         return serve
     raise AttributeError(name)

@@ -1,0 +1,1233 @@
+"""The responder runtime: a pool of threads serving FastCGI requests on one listening socket.
+
+Why it is shaped like this (DESIGN.md, server.py; each point was measured on prototypes):
+
+* **Fast path, no hand-off.** Every pool thread accepts connections itself and runs the whole
+  request inline on the bare fd: ``accept4`` -> ``read`` -> app -> one ``writev`` -> ``close``,
+  4 syscalls (measured with ``strace -c`` behind nginx). A dispatcher thread feeding workers
+  cost ~40 % more CPU per request; a selector loop on the fast path 5-10 us more; asyncio 4x.
+  The listener is non-blocking and a thread only sleeps when ``accept()`` says EAGAIN, so
+  under load the steady state is one accept per request. No socket object is made per
+  connection: CPython's constructor adds a ``getsockname`` syscall.
+* **Sleeping without polling, waking without thundering herds.** Idle threads sleep in ONE
+  shared epoll instance. Waiters of one epoll instance are woken exclusively (one per event),
+  and every item except the stop eventfd is ``EPOLLONESHOT``, so a new connection, a ready
+  parked connection or a queued task wakes exactly one thread. The listener is re-armed by the
+  thread that got its event right after its ``accept()``, so a second pending connection
+  wakes the next sleeper. The stop eventfd is level-triggered: epoll passes a level-triggered
+  event from one exclusive waiter to the next, which wakes every thread exactly when all of
+  them must exit. ``shutdown()`` on the listener is never used: it would break the other
+  worker processes sharing it. Why not one epoll per thread with ``EPOLLEXCLUSIVE`` on the
+  listener: parked connections and queued tasks must wake one thread too, and
+  ``EPOLLEXCLUSIVE`` can neither be combined with ``EPOLLONESHOT`` nor used on a nested epoll
+  fd (EINVAL), so every parked connection would wake every idle thread.
+* **KEEP_CONN without pinning threads.** After a request on a connection the web server keeps
+  (nginx ``fastcgi_keep_conn``), the connection is parked in the epoll and the thread goes back
+  to accepting; when the web server sends the next request, one sleeping thread picks it up.
+  Parked connections are closed after :data:`IDLE_TIMEOUT` seconds (by the coordinating main
+  thread, which sleeps until the earliest deadline) and when the server stops.
+* **Multiplexing off the fast path.** A second concurrent request id on a connection makes the
+  connection *shared*: extra requests become tasks that other pool threads pick up, writes go
+  out under a per-connection lock (whole records at a time), and reading follows a
+  leader/follower scheme: whichever thread needs input (or an epoll-woken idle thread) holds
+  the connection's read token and dispatches every record it reads to its request's bounded
+  queue. A connection that only ever carries one request at a time takes no lock at all.
+* **Streaming both ways.** The app starts once PARAMS is complete; ``wsgi.input`` pulls the next
+  STDIN chunk by reading the socket (so a 1 GiB upload never sits in memory), and the response
+  goes out as it is produced. A response returned as a list (``return [body]``, the hello
+  case) or a ``wsgi.file_wrapper`` is coalesced with END_REQUEST into one ``sendmsg``; any other
+  iterable is sent chunk by chunk as PEP 3333 requires (never delayed while the app works).
+
+Signals are not this module's business (runtime.py installs them), but pool threads block the
+asynchronous ones so that they always reach the main thread, which sleeps in ``poll()`` and so
+runs Python signal handlers at once; :meth:`Server.stop` only sets a flag and writes an eventfd.
+
+The module knows nothing of where its socket came from (layering: it imports only protocol
+and wsgi).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import functools
+import ipaddress
+import os
+import random
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final
+
+from fcgispawn.protocol import (
+    STDOUT_CHUNK,
+    AbortRequest,
+    BeginRequest,
+    Buffer,
+    Data,
+    Limits,
+    Params,
+    ProtocolError,
+    Role,
+    ServerConnection,
+    Stdin,
+)
+from fcgispawn.wsgi import (
+    ErrorStream,
+    FileWrapper,
+    InputStream,
+    WSGIApplication,
+    build_environ,
+    run_app,
+)
+
+__all__ = [
+    "IDLE_TIMEOUT",
+    "MAX_IDLE_CONNS",
+    "Server",
+    "parse_web_server_addrs",
+]
+
+#: Seconds a parked KEEP_CONN connection may stay idle before we close it. nginx's own
+#: upstream ``keepalive_timeout`` defaults to 60 s: closing at the same time avoids keeping
+#: connections nginx has already forgotten, and nginx copes with a close of an idle one.
+IDLE_TIMEOUT: Final = 60.0
+#: Parked idle connections kept at most; beyond, the longest-idle one is closed. Bounds fds.
+MAX_IDLE_CONNS: Final = 1024
+#: One recv per read; a typical nginx request (BEGIN + PARAMS + empty STDIN) is < 2 KiB, and
+#: 64 KiB takes a whole STDIN record at once during uploads. Below glibc's mmap threshold, so the
+#: bytes object comes from the heap, not from an mmap/munmap pair per call.
+RECV_SIZE: Final = 65536
+#: A coalesced (list) response is flushed once this much is pending, so memory stays bounded
+#: for a 100 MB file_wrapper response while small responses are one sendmsg.
+FLUSH_BYTES: Final = 256 * 1024
+#: STDIN bytes queued for one multiplexed request before the reader waits for its consumer.
+STDIN_QUEUE_BYTES: Final = 1 << 20
+#: How long a reader waits for a multiplexed request to consume its queue before the request
+#: is aborted (the only way to break a cycle of requests waiting for each other's threads).
+STDIN_QUEUE_WAIT: Final = 30.0
+#: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
+_IOV_MAX: Final = 1024
+
+_ASYNC_SIGNALS: Final = frozenset(
+    {
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGHUP,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGCHLD,
+        signal.SIGALRM,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+        signal.SIGWINCH,
+    }
+)
+_ROLE_NAMES: Final = {role: role.name for role in Role}
+_EP_IN: Final = select.EPOLLIN | select.EPOLLONESHOT
+_EP_STOP: Final = select.EPOLLIN
+_DONTWAIT: Final = socket.MSG_DONTWAIT
+#: Placeholder condition of unshared connections (never waited on: every use is behind
+#: ``conn.shared``, and a connection gets its own Condition before it becomes shared).
+_NO_COND: Final = threading.Condition(threading.Lock())
+_PEEK_DONTWAIT: Final = socket.MSG_DONTWAIT | socket.MSG_PEEK
+
+
+def parse_web_server_addrs(text: str | Sequence[str] | None) -> frozenset[str] | None:
+    """FCGI_WEB_SERVER_ADDRS (spec §3.2) as the set of peer host strings ``accept()`` returns.
+
+    The spec lists IPv4 dotted quads; IPv6 addresses are accepted too. Each IPv4 address also
+    matches its IPv4-mapped IPv6 form (a dual-stack listener reports ``::ffff:a.b.c.d``), so
+    the per-connection check is a single set lookup. ``None`` or an empty value means no
+    filtering. A malformed entry raises ValueError naming it.
+    """
+    if text is None:
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    allowed: set[str] = set()
+    for item in items:
+        entry = item.strip()
+        if not entry:
+            continue
+        try:
+            ip = ipaddress.ip_address(entry)
+        except ValueError:
+            raise ValueError(
+                f"FCGI_WEB_SERVER_ADDRS: {entry!r} is not an IPv4 or IPv6 address"
+            ) from None
+        allowed.add(str(ip))
+        if isinstance(ip, ipaddress.IPv4Address):
+            allowed.add(f"::ffff:{ip}")
+        elif ip.ipv4_mapped is not None:
+            allowed.add(str(ip.ipv4_mapped))
+    return frozenset(allowed) if allowed else None
+
+
+class _Req:
+    """One active request on a connection; its thread is the only one that runs its app.
+
+    STDIN chunks are queued here by whoever reads the connection (usually the request's own
+    thread); ``queued`` counts their bytes so a reader can apply back-pressure.
+    """
+
+    __slots__ = (
+        "aborted",
+        "chunks",
+        "conn",
+        "data_chunks",
+        "data_done",
+        "defer",
+        "keep_conn",
+        "params",
+        "pending",
+        "pending_bytes",
+        "queued",
+        "rid",
+        "role",
+        "server",
+        "stdin_done",
+    )
+
+    def __init__(self, server: Server, conn: _Conn, rid: int, role: Role, keep_conn: bool) -> None:
+        self.server = server
+        self.conn = conn
+        self.rid = rid
+        self.role = role
+        self.keep_conn = keep_conn
+        self.params: dict[bytes, bytes] | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.queued = 0
+        self.stdin_done = False
+        self.data_chunks: collections.deque[bytes] = collections.deque()
+        self.data_done = role != Role.FILTER
+        self.aborted = False
+        self.defer = False
+        self.pending: list[Buffer] = []
+        self.pending_bytes = 0
+
+    # -- wsgi.input / FCGI_DATA sources --------------------------------------------------------
+
+    def read_stdin(self) -> bytes:
+        """``InputStream`` source: the next STDIN chunk, reading the socket when none is queued."""
+        chunks = self.chunks
+        while True:
+            if chunks:
+                chunk = chunks.popleft()
+                if self.conn.shared:
+                    self.conn.consumed(self, len(chunk))
+                return chunk
+            if self.stdin_done or self.aborted:
+                return b""
+            if not self.server._await_input(self.conn, self):
+                return b""
+
+    def read_data(self) -> bytes:
+        """FILTER role: the FCGI_DATA stream (``environ["fcgi.data"]``), after STDIN (spec §6.4)."""
+        chunks = self.data_chunks
+        while True:
+            if chunks:
+                chunk = chunks.popleft()
+                if self.conn.shared:
+                    self.conn.consumed(self, len(chunk))
+                return chunk
+            if self.data_done or self.aborted:
+                return b""
+            if not self.server._await_input(self.conn, self):
+                return b""
+
+    # -- the app call and the response ----------------------------------------------------------
+
+    def call_app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        """Wraps the app to learn what it returned: a list/tuple/file_wrapper holds no further
+        computation between chunks, so its chunks may be coalesced with END_REQUEST into one
+        sendmsg without delaying anything (PEP 3333 forbids delaying a block while the app
+        computes the next one, so generators are sent chunk by chunk)."""
+        result: Iterable[bytes] = self.server.app(environ, start_response)
+        rtype = type(result)
+        if rtype is list or rtype is tuple or rtype is FileWrapper:
+            self.defer = True
+        return result
+
+    def send(self, bufs: list[bytes]) -> None:
+        """``run_app``'s send callback: frame as STDOUT records and write (or coalesce)."""
+        if self.aborted:
+            raise BrokenPipeError(errno.EPIPE, "the web server aborted the request")
+        if self.defer:
+            self.pending.extend(bufs)
+            n = self.pending_bytes
+            for b in bufs:
+                n += len(b)
+            self.pending_bytes = n
+            if n < FLUSH_BYTES:
+                return
+            bufs = self.pending  # type: ignore[assignment]
+            self.pending = []
+            self.pending_bytes = 0
+        conn = self.conn
+        if len(bufs) == 1:
+            data: Buffer = bufs[0]
+        else:
+            total = 0
+            for b in bufs:
+                total += len(b)
+            data = b"".join(bufs) if total <= STDOUT_CHUNK else b""
+            if not data and total:
+                records: list[Buffer] = []
+                for b in bufs:
+                    if b:
+                        records += conn.frame(self.rid, b, stderr=False)
+                conn.write(records)
+                return
+        conn.write(conn.frame(self.rid, data, stderr=False))
+
+    def send_stderr(self, data: bytes) -> None:
+        """``wsgi.errors`` sink: FCGI_STDERR records (nginx logs them as an error line)."""
+        if self.aborted or self.conn.dead:
+            raise BrokenPipeError(errno.EPIPE, "the connection is gone")
+        conn = self.conn
+        conn.write(conn.frame(self.rid, data, stderr=True))
+
+
+class _Conn:
+    """One transport connection and its protocol state.
+
+    ``users`` counts the threads working on it (its reader/owner and one per running or queued
+    request). While it is 1 and ``shared`` is False, one thread owns everything and no lock is
+    taken; ``shared`` turns on when a second actor appears (a task for a multiplexed request,
+    or an epoll registration while requests are active) and off again when the connection is
+    picked up idle from the epoll.
+    """
+
+    __slots__ = (
+        "_sock",
+        "cond",
+        "dead",
+        "family",
+        "fd",
+        "idle",
+        "idle_since",
+        "lock",
+        "proto",
+        "registered",
+        "reqs",
+        "rlock",
+        "runnable",
+        "served",
+        "shared",
+        "stdin_incomplete",
+        "users",
+        "wlock",
+    )
+
+    def __init__(self, fd: int, limits: Limits, family: int) -> None:
+        self.fd = fd
+        self.family = family
+        self._sock: socket.socket | None = None
+        self.proto = ServerConnection(limits)
+        self.reqs: dict[int, _Req] = {}
+        self.runnable: collections.deque[_Req] = collections.deque()
+        self.users = 1
+        self.shared = False
+        self.dead = False
+        self.registered = False
+        self.idle = False
+        self.idle_since = 0.0
+        self.served = 0
+        self.stdin_incomplete = False
+        self.lock = threading.Lock()  # protocol state + users (short critical sections)
+        # Created when the connection first becomes shared: a Condition costs 1.5 us, as much
+        # as a twentieth of a whole request, and only multiplexed connections need one.
+        self.cond: threading.Condition = _NO_COND
+        self.rlock = threading.Lock()  # the read token: who holds it reads the socket
+        self.wlock = threading.Lock()  # whole sendmsg calls
+
+    @property
+    def sock(self) -> socket.socket:
+        """A socket object for the rare calls that need one (MSG_DONTWAIT, shutdown, options).
+
+        The fast path uses the bare fd (``os.read``/``os.writev``/``os.close``): CPython's
+        socket constructor costs a ``getsockname`` syscall per connection, 25 % of the
+        syscalls of a whole request. A kept-alive connection pays it once, not per request.
+        """
+        sock = self._sock
+        if sock is None:
+            # family/type/proto given: without them CPython asks the kernel (2 getsockopt).
+            sock = self._sock = socket.socket(self.family, socket.SOCK_STREAM, 0, self.fd)
+        return sock
+
+    def recv(self, blocking: bool) -> bytes:
+        if blocking:
+            return os.read(self.fd, RECV_SIZE)
+        return self.sock.recv(RECV_SIZE, _DONTWAIT)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        else:
+            os.close(self.fd)
+
+    def frame(self, rid: int, data: Buffer, *, stderr: bool) -> list[Buffer]:
+        if self.shared:
+            with self.lock:
+                return self.proto.stderr(rid, data) if stderr else self.proto.stdout(rid, data)
+        return self.proto.stderr(rid, data) if stderr else self.proto.stdout(rid, data)
+
+    def write(self, bufs: list[Buffer]) -> None:
+        """Send every buffer (whole records) or raise OSError; one sendmsg in the common case."""
+        if self.dead:
+            raise BrokenPipeError(errno.EPIPE, "the connection is gone")
+        if self.shared:
+            with self.wlock:
+                self._write(bufs)
+        else:
+            self._write(bufs)
+
+    def _write(self, bufs: list[Buffer]) -> None:
+        fd = self.fd
+        try:
+            if len(bufs) <= _IOV_MAX:
+                sent = os.writev(fd, bufs)
+                total = 0
+                for b in bufs:
+                    total += len(b)
+                if sent == total:
+                    return
+            else:
+                sent = 0
+            _send_rest(fd, bufs, sent)
+        except OSError:
+            self.dead = True
+            raise
+
+    def consumed(self, req: _Req, n: int) -> None:
+        """A multiplexed request took ``n`` queued bytes: wake a reader waiting for room."""
+        with self.cond:
+            req.queued -= n
+            self.cond.notify_all()
+
+
+def _send_rest(fd: int, bufs: list[Buffer], skip: int) -> None:
+    """Finish a partial (or oversized) sendmsg: skip ``skip`` bytes, send the rest in batches."""
+    views: list[memoryview] = []
+    for b in bufs:
+        mv = memoryview(b).cast("B") if not isinstance(b, memoryview) else b.cast("B")
+        n = len(mv)
+        if skip >= n:
+            skip -= n
+            continue
+        views.append(mv[skip:] if skip else mv)
+        skip = 0
+    while views:
+        batch = views[:_IOV_MAX]
+        sent = os.writev(fd, batch)
+        while sent:
+            n = len(views[0])
+            if sent >= n:
+                sent -= n
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+class Server:
+    """Serve a WSGI app over FastCGI on ``listener`` with a pool of ``threads`` threads.
+
+    ``serve_forever()`` runs the pool and coordinates (idle timeouts, stopping) in the calling
+    thread, which should be the main thread when signal handlers call :meth:`stop`. It returns
+    0 after a stop (graceful drain done, or its timeout passed, or ``max_requests`` reached).
+    ``request_timeout`` (seconds, 0 = none) bounds every read and write on a connection that
+    carries a request, so a stalled peer cannot pin a thread forever; it does not bound the
+    app's own run time (a thread cannot be interrupted).
+
+    ``web_server_addrs`` (FCGI_WEB_SERVER_ADDRS, spec §3.2) is checked on TCP listeners only:
+    a peer not listed is closed right after accept(). On a UNIX listener peers have no
+    address to check, and the file mode of the socket is what restricts them, so the list is
+    ignored there (the spec defines it for TCP).
+
+    Multiplexing: extra request ids run concurrently (on other pool threads) when they arrive
+    while the connection is being read -- together with the first request, or while a running
+    request reads its input. An id that arrives while the only running request computes
+    without reading waits until that request ends. No real web server multiplexes
+    (shared/reference/fastcgi.md); a busy single request never pays for watching.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        listener: socket.socket,
+        *,
+        threads: int = 4,
+        max_requests: int = 0,
+        max_requests_jitter: int = 0,
+        graceful_timeout: float = 30.0,
+        request_timeout: float = 0,
+        web_server_addrs: Sequence[str] | str | None = None,
+        multiprocess: bool = False,
+        log: Callable[[str], None],
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        if max_requests < 0 or max_requests_jitter < 0:
+            raise ValueError("max_requests and max_requests_jitter must not be negative")
+        self.app = app
+        self.listener = listener
+        self.threads = threads
+        self.max_requests = (
+            max_requests + random.randint(0, max_requests_jitter) if max_requests else 0
+        )
+        self.graceful_timeout = graceful_timeout
+        self.request_timeout = request_timeout
+        self.multithread = threads > 1
+        self.multiprocess = multiprocess
+        self.log = log
+        self.allowed = parse_web_server_addrs(web_server_addrs)
+        # What GET_VALUES reports (spec §4.1), truthfully: requests run at once = threads;
+        # connections held = those being served plus the parked idle ones; a connection can
+        # multiplex only if a second thread exists to run its second request.
+        self.limits = Limits(
+            max_conns=threads + MAX_IDLE_CONNS,
+            max_reqs=threads,
+            mpxs_conns=threads > 1,
+            max_requests_per_conn=threads,
+        )
+        self._family = listener.family
+        self._tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
+        self._timeval = (
+            struct.pack("ll", int(request_timeout), int((request_timeout % 1) * 1e6))
+            if request_timeout > 0
+            else None
+        )
+        self._lock = threading.Lock()
+        self._work = 0  # connections owned by a thread + queued tasks
+        self._served = 0
+        self._watched: dict[int, _Conn] = {}  # fd -> connection registered (armed) in the epoll
+        self._idle_count = 0
+        self._tasks: collections.deque[Callable[[], None]] = collections.deque()
+        self._accepting = True
+        self._stop_requested = False
+        self._graceful = True
+        self._stopping = False
+        self._main_sleeping = False
+        self._ep: select.epoll | None = None
+        self._ctl_fd = -1
+        self._stop_fd = -1
+        self._task_fd = -1
+        self._lfd = listener.fileno()
+        self._pool: list[threading.Thread] = []
+
+    # -- public control -----------------------------------------------------------------------
+
+    @property
+    def served(self) -> int:
+        """Requests completed so far (for tests and logs)."""
+        return self._served
+
+    def stop(self, graceful: bool = True) -> None:
+        """Ask the server to stop: finish in-flight requests (graceful) or leave at once.
+
+        Safe from a signal handler and from any thread: it sets flags and writes an eventfd,
+        takes no lock and allocates nothing that could deadlock.
+        """
+        if not graceful:
+            self._graceful = False
+        self._stop_requested = True
+        self._wake_main()
+
+    def _wake_main(self) -> None:
+        fd = self._ctl_fd
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
+
+    def serve_forever(self) -> int:
+        """Run until stopped; returns the exit code (0)."""
+        self.listener.setblocking(False)
+        self._ctl_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._task_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
+        ep = self._ep = select.epoll()
+        ep.register(self._lfd, _EP_IN)
+        ep.register(self._stop_fd, _EP_STOP)
+        ep.register(self._task_fd, _EP_IN)
+        ctl = select.poll()
+        ctl.register(self._ctl_fd, select.POLLIN)
+        try:
+            for i in range(self.threads):
+                t = threading.Thread(target=self._worker, name=f"fcgispawn-{i}", daemon=True)
+                t.start()
+                self._pool.append(t)
+            try:
+                self._coordinate(ctl)
+            except BaseException:
+                # KeyboardInterrupt with Python's default SIGINT handler, or a bug: leave at
+                # once rather than keep daemon threads serving behind the caller's back.
+                self._graceful = False
+                self._accepting = False
+                os.eventfd_write(self._stop_fd, 1)
+                for t in self._pool:
+                    t.join(1.0)
+                raise
+            return self._shutdown(ctl)
+        finally:
+            # Threads abandoned after the graceful timeout may still touch these fds: then
+            # they stay open (the process is about to exit) rather than be closed under them,
+            # where a reused fd number could receive their writes.
+            if not any(t.is_alive() for t in self._pool):
+                ctl_fd, self._ctl_fd = self._ctl_fd, -1
+                ep.close()
+                for fd in (ctl_fd, self._stop_fd, self._task_fd):
+                    os.close(fd)
+
+    # -- the coordinating (main) thread ----------------------------------------------------------
+
+    def _coordinate(self, ctl: select.poll) -> None:
+        """Sleep until stopped, waking only to close parked connections whose time is up."""
+        while not self._stop_requested:
+            timeout = self._reap()
+            ctl.poll(None if timeout is None else max(1, int(timeout * 1000) + 1))
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._ctl_fd)
+
+    def _reap(self) -> float | None:
+        """Close expired idle connections; return seconds until the next expiry (None: none)."""
+        now = time.monotonic()
+        expired: list[_Conn] = []
+        next_deadline: float | None = None
+        with self._lock:
+            for fd, conn in list(self._watched.items()):
+                if not conn.idle:
+                    continue
+                deadline = conn.idle_since + IDLE_TIMEOUT
+                if deadline <= now:
+                    del self._watched[fd]
+                    self._idle_count -= 1
+                    expired.append(conn)
+                elif next_deadline is None or deadline < next_deadline:
+                    next_deadline = deadline
+            self._main_sleeping = next_deadline is None
+        for conn in expired:
+            _close(conn)
+        return None if next_deadline is None else next_deadline - now
+
+    def _shutdown(self, ctl: select.poll) -> int:
+        """Stop accepting, close idle connections, drain in-flight work, release the threads."""
+        graceful = self._graceful
+        reason = "max-requests reached" if self._max_reached() else "stop requested"
+        self._accepting = False
+        assert self._ep is not None
+        with contextlib.suppress(OSError):
+            self._ep.unregister(self._lfd)
+        # Parked connections: one the web server already sent a request on is served (it may
+        # not be retried elsewhere); the others are closed now.
+        idle: list[_Conn] = []
+        with self._lock:
+            self._stopping = True
+            for fd, conn in list(self._watched.items()):
+                if conn.idle:
+                    del self._watched[fd]
+                    self._idle_count -= 1
+                    idle.append(conn)
+        for conn in idle:
+            try:
+                has_data = bool(conn.sock.recv(1, _PEEK_DONTWAIT))
+            except OSError:
+                has_data = False
+            if has_data and graceful:
+                with self._lock:
+                    self._work += 1
+                self._queue(functools.partial(self._pickup, conn))
+            else:
+                _close(conn)
+        deadline = time.monotonic() + self.graceful_timeout
+        if graceful:
+            self.log(f"stopping ({reason}): finishing requests in progress")
+            while True:
+                with self._lock:
+                    work = self._work
+                if work == 0 or not self._graceful:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.log(
+                        f"graceful timeout ({self.graceful_timeout:g} s) passed with "
+                        f"{work} connection(s) still busy; leaving them"
+                    )
+                    break
+                ctl.poll(max(1, int(left * 1000) + 1))
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._ctl_fd)
+        os.eventfd_write(self._stop_fd, 1)
+        join_until = time.monotonic() + (1.0 if graceful else 0.0)
+        for t in self._pool:
+            t.join(max(0.0, join_until - time.monotonic()))
+        return 0
+
+    def _max_reached(self) -> bool:
+        return bool(self.max_requests) and self._served >= self.max_requests
+
+    # -- pool threads ---------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        """A pool thread: accept and serve inline; sleep in the shared epoll when idle."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+        ep = self._ep
+        assert ep is not None
+        poll = ep.poll
+        accept = self.listener._accept  # type: ignore[attr-defined]
+        lfd, stop_fd, task_fd = self._lfd, self._stop_fd, self._task_fd
+        tasks = self._tasks
+        serve_new = self._serve_new
+        # Try accept() before sleeping only while the last try found a connection (or the
+        # thread just took one from the listener): under load that skips epoll entirely; with
+        # kept-alive connections (no new ones to accept) it saves a failing accept + exception
+        # per request. A new connection always wakes a sleeper through the armed listener.
+        try_accept = True
+        while True:
+            if tasks:
+                try:
+                    task = tasks.popleft()
+                except IndexError:
+                    pass
+                else:
+                    self._guard(task)
+                    continue
+            if try_accept and self._accepting:
+                try:
+                    fd, addr = accept()
+                except BlockingIOError:
+                    try_accept = False
+                except OSError as exc:
+                    self._accept_failed(exc)
+                else:
+                    try:
+                        serve_new(fd, addr)
+                    except BaseException as exc:
+                        self._internal_error(exc)
+                    continue
+            try:
+                events = poll(-1, 1)
+            except OSError as exc:  # EBADF at teardown after an abandoned drain
+                if exc.errno == errno.EBADF:
+                    return
+                raise
+            for fd, _ in events:
+                if fd == lfd:
+                    got = None
+                    if self._accepting:
+                        try:
+                            got = accept()
+                        except BlockingIOError:
+                            pass
+                        except OSError as exc:
+                            self._accept_failed(exc)
+                        # Re-arm only after accept(): a second pending connection then wakes
+                        # the next sleeper instead of this thread racing a woken twin.
+                        with contextlib.suppress(OSError):
+                            ep.modify(lfd, _EP_IN)
+                    if got is not None:
+                        try_accept = True
+                        try:
+                            serve_new(got[0], got[1])
+                        except BaseException as exc:
+                            self._internal_error(exc)
+                elif fd == stop_fd:
+                    return
+                elif fd == task_fd:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(task_fd)
+                    # EFD_SEMAPHORE: re-arming with the counter still > 0 wakes the next thread
+                    # for the next queued task.
+                    with contextlib.suppress(OSError):
+                        ep.modify(task_fd, _EP_IN)
+                else:
+                    with self._lock:
+                        conn = self._watched.pop(fd, None)
+                        idle = conn is not None and conn.idle
+                        if conn is not None and idle:
+                            conn.idle = False
+                            self._idle_count -= 1
+                            self._work += 1
+                    if conn is None:
+                        continue
+                    try:
+                        if idle:
+                            self._pickup(conn)
+                        else:
+                            self._shared_event(conn)
+                    except BaseException as exc:
+                        self._internal_error(exc)
+
+    def _internal_error(self, exc: BaseException) -> None:
+        self.log("internal error in the responder:\n" + "".join(traceback.format_exception(exc)))
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        """Run one unit of work; a bug in it is logged, never kills the pool thread."""
+        try:
+            fn()
+        except BaseException as exc:  # SystemExit from an app's close() etc. must not kill us
+            self._internal_error(exc)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """EMFILE/ENFILE/ENOBUFS: log and back off briefly instead of spinning on the listener."""
+        if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+            return
+        self.log(f"accept() failed: {exc}")
+        time.sleep(0.1)
+
+    def _queue(self, task: Callable[[], None]) -> None:
+        self._tasks.append(task)
+        os.eventfd_write(self._task_fd, 1)
+
+    def _release(self, conn: _Conn) -> None:
+        """Nobody works on ``conn`` any more: close it, or park it until its next request."""
+        nserved = conn.served
+        conn.served = 0
+        close = conn.dead or conn.proto.should_close or conn.stdin_incomplete
+        wake_main = False
+        with self._lock:
+            self._work -= 1
+            self._served += nserved
+            work = self._work
+            stopping = self._stopping
+            if not close and (stopping or self._idle_count >= MAX_IDLE_CONNS):
+                close = True
+            if not close:
+                conn.idle = True
+                conn.idle_since = time.monotonic()
+                self._idle_count += 1
+                if self._watch_locked(conn):
+                    wake_main = self._main_sleeping
+                    self._main_sleeping = False
+                else:
+                    close = True
+            max_hit = self.max_requests and self._served >= self.max_requests
+            if close and self._watched.get(conn.fd) is conn:
+                del self._watched[conn.fd]  # armed while shared; the close unregisters it
+        if close:
+            _close(conn)
+        elif wake_main:  # the coordinator sleeps without a deadline: give it this one
+            self._wake_main()
+        if max_hit and not self._stop_requested:
+            self.stop(graceful=True)
+        if stopping and work == 0:
+            self._wake_main()
+
+    def _watch(self, conn: _Conn) -> None:
+        with self._lock:
+            self._watch_locked(conn)
+
+    def _watch_locked(self, conn: _Conn) -> bool:
+        """Arm ``conn`` in the shared epoll for one readiness event (caller holds ``_lock``).
+
+        Under the lock so that the reaper, which pops from ``_watched`` under the same lock and
+        closes afterwards, can never close the fd between our bookkeeping and the epoll_ctl
+        (a reused fd number would otherwise be registered on behalf of a dead connection).
+        """
+        ep = self._ep
+        assert ep is not None
+        if conn.dead:
+            return False
+        try:
+            if conn.registered:
+                ep.modify(conn.fd, _EP_IN)
+            else:
+                ep.register(conn.fd, _EP_IN)
+                conn.registered = True
+        except OSError as exc:  # cannot happen short of a bug: do not lose it silently
+            self.log(f"epoll registration of a connection failed: {exc}")
+            conn.dead = True
+            if conn.idle:
+                conn.idle = False
+                self._idle_count -= 1
+            return False
+        self._watched[conn.fd] = conn
+        return True
+
+    # -- serving a connection -------------------------------------------------------------------
+
+    def _serve_new(self, fd: int, addr: Any) -> None:
+        """A freshly accepted connection: filter the peer, then read and serve inline."""
+        if self.allowed is not None and self._tcp and addr[0] not in self.allowed:
+            os.close(fd)
+            return
+        conn = _Conn(fd, self.limits, self._family)
+        if self._timeval is not None:
+            sock = conn.sock
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval)
+        with self._lock:
+            self._work += 1
+        try:
+            self._read(conn, blocking=True)
+            self._drive(conn)
+        finally:
+            self._leave(conn)
+
+    def _pickup(self, conn: _Conn) -> None:
+        """A parked connection became readable: read without blocking, then serve inline.
+
+        Non-blocking first: the event may be stale (the fd was reaped and reused) or spurious.
+        """
+        conn.users = 1
+        conn.shared = False
+        try:
+            if self._read(conn, blocking=False):
+                self._drive(conn)
+        finally:
+            self._leave(conn)
+
+    def _read(self, conn: _Conn, *, blocking: bool) -> bool:
+        """Read once (the caller holds the read token or owns the connection) and dispatch.
+
+        Returns False if nothing was read (EAGAIN on a non-blocking read); EOF, errors and
+        protocol violations mark the connection dead and abort its requests.
+        """
+        try:
+            data = conn.recv(blocking)
+        except BlockingIOError:
+            if blocking:  # SO_RCVTIMEO expired: the peer stalled mid-request
+                self.log("request timeout: the web server sent nothing in time; closing")
+                self._kill(conn)
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self._kill(conn)
+            return True
+        proto = conn.proto
+        try:
+            if conn.shared:
+                with conn.lock:
+                    events = proto.receive(data)
+                    out = proto.pending_output()
+            else:
+                events = proto.receive(data)
+                out = proto.pending_output()
+        except ProtocolError as exc:
+            self.log(f"FastCGI protocol error from the web server: {exc}; closing the connection")
+            self._kill(conn)
+            return True
+        if out:
+            try:
+                conn.write([out])
+            except OSError:
+                self._kill(conn)
+                return True
+        if events:
+            self._dispatch(conn, events)
+        return True
+
+    def _dispatch(self, conn: _Conn, events: list[Any]) -> None:
+        """Route events to their requests; requests whose PARAMS are complete become runnable."""
+        reqs = conn.reqs
+        for ev in events:
+            t = type(ev)
+            if t is Stdin:
+                req = reqs.get(ev.request_id)
+                if req is None:
+                    continue
+                if ev.data:
+                    self._enqueue(conn, req, req.chunks, ev.data)
+                else:
+                    req.stdin_done = True
+            elif t is BeginRequest:
+                reqs[ev.request_id] = _Req(self, conn, ev.request_id, ev.role, ev.keep_conn)
+            elif t is Params:
+                req = reqs.get(ev.request_id)
+                if req is not None:
+                    req.params = ev.params
+                    conn.runnable.append(req)
+            elif t is Data:
+                req = reqs.get(ev.request_id)
+                if req is None:
+                    continue
+                if ev.data:
+                    self._enqueue(conn, req, req.data_chunks, ev.data)
+                else:
+                    req.data_done = True
+            elif t is AbortRequest:
+                req = reqs.get(ev.request_id)
+                if req is not None:
+                    req.aborted = True
+                    req.chunks.clear()
+                    req.data_chunks.clear()
+                    if req.params is None:
+                        # Not started yet: answer at once (spec §5.4), nothing to stop.
+                        del reqs[req.rid]
+                        self._end(conn, req, 0)
+        if conn.shared:
+            with conn.cond:
+                conn.cond.notify_all()
+
+    def _enqueue(
+        self, conn: _Conn, req: _Req, queue: collections.deque[bytes], data: bytes
+    ) -> None:
+        """Queue input for ``req``; for multiplexed requests wait while its queue is full."""
+        if conn.shared:
+            with conn.cond:
+                if req.queued + len(data) > STDIN_QUEUE_BYTES and req.queued:
+                    ok = conn.cond.wait_for(
+                        lambda: (
+                            req.queued + len(data) <= STDIN_QUEUE_BYTES
+                            or req.aborted
+                            or req.rid not in conn.reqs
+                        ),
+                        STDIN_QUEUE_WAIT,
+                    )
+                    if not ok:
+                        self.log(
+                            f"request {req.rid}: its input was not read for "
+                            f"{STDIN_QUEUE_WAIT:g} s while other requests on the same connection "
+                            "needed the connection; aborting it"
+                        )
+                        req.aborted = True
+                        req.chunks.clear()
+                        req.data_chunks.clear()
+                if req.aborted:
+                    return
+                req.queued += len(data)
+                queue.append(data)
+        else:
+            queue.append(data)
+
+    def _drive(self, conn: _Conn) -> None:
+        """Owner loop: run requests as they become runnable; return when the connection is
+        done (dead / to be closed) or has nothing to do right now (to be parked)."""
+        runnable = conn.runnable
+        while not conn.dead:
+            if runnable:
+                req = runnable.popleft()
+                if runnable:  # multiplexed: other threads take the rest
+                    self._hand_off(conn)
+                self._run(req)
+                if conn.shared:
+                    return  # other actors exist: _leave() arms the connection for them
+                continue
+            if conn.reqs:
+                if conn.shared:
+                    return
+                # A request was begun but its PARAMS are incomplete: the web server is sending
+                # it right now, so wait for the rest (bounded by request_timeout).
+                self._read(conn, blocking=True)
+                continue
+            return
+
+    def _hand_off(self, conn: _Conn) -> None:
+        """Give every queued runnable request to another pool thread (the connection becomes
+        shared: locks on, and the epoll watches it for input nobody is waiting for)."""
+        runnable = conn.runnable
+        if conn.cond is _NO_COND:
+            conn.cond = threading.Condition(conn.lock)
+        reqs: list[_Req] = []
+        with conn.lock:
+            conn.shared = True
+            # popleft one by one: a reader may append concurrently (it does not take the lock
+            # to append), and clear() after a copy could drop what it appended in between.
+            while runnable:
+                reqs.append(runnable.popleft())
+            conn.users += len(reqs)
+        for req in reqs:
+            self._queue(functools.partial(self._run_task, req))
+        self._watch(conn)
+
+    def _run_task(self, req: _Req) -> None:
+        try:
+            self._run(req)
+        finally:
+            self._leave_shared(req.conn, arm=True)
+
+    def _leave(self, conn: _Conn) -> None:
+        """The owner (accepting or picking-up thread) is done with ``conn``."""
+        if conn.shared:
+            self._leave_shared(conn, arm=True)
+        else:
+            self._release(conn)
+
+    def _leave_shared(self, conn: _Conn, *, arm: bool) -> None:
+        """One actor is done with a shared connection. The last one out releases it (park or
+        close) unless a request is still arriving; otherwise the epoll watches it, so input
+        for requests whose thread is not reading (and new BEGIN_REQUESTs) gets read."""
+        with conn.lock:
+            conn.users -= 1
+            last = conn.users == 0
+            busy = bool(conn.reqs)
+        if last and (conn.dead or not busy):
+            self._release(conn)
+        elif arm and not conn.dead:
+            self._watch(conn)
+
+    def _shared_event(self, conn: _Conn) -> None:
+        """An epoll-woken thread reads a shared connection (its requests run elsewhere)."""
+        with conn.lock:
+            conn.users += 1
+        got = conn.rlock.acquire(blocking=False)
+        try:
+            if got:
+                try:
+                    self._read(conn, blocking=False)
+                finally:
+                    conn.rlock.release()
+                if conn.runnable:
+                    self._hand_off(conn)
+        finally:
+            # Failing to get the read token means its holder is reading right now and arms
+            # the connection when it lets go; arming here too would spin on unread data.
+            self._leave_shared(conn, arm=got)
+
+    def _await_input(self, conn: _Conn, req: _Req) -> bool:
+        """Block until ``req`` has input (or its end) queued; False if the connection died.
+
+        Owner of an unshared connection: just read the socket. Shared: take the read token if
+        free and read (dispatching what belongs to others), else wait for the holder.
+        """
+        if conn.dead:
+            return False
+        if not conn.shared:
+            self._read(conn, blocking=True)
+            if conn.runnable:  # a second request arrived while this one runs
+                self._hand_off(conn)
+            return not conn.dead
+        if conn.rlock.acquire(blocking=False):
+            try:
+                self._read(conn, blocking=True)
+            finally:
+                conn.rlock.release()
+            if conn.runnable:
+                self._hand_off(conn)
+            with conn.cond:
+                conn.cond.notify_all()
+            self._watch(conn)
+            return not conn.dead
+        with conn.cond:
+            conn.cond.wait_for(
+                lambda: (
+                    bool(req.chunks or req.data_chunks)
+                    or req.stdin_done
+                    or req.aborted
+                    or conn.dead
+                    or not conn.rlock.locked()
+                ),
+                1.0,
+            )
+        return not conn.dead
+
+    def _kill(self, conn: _Conn) -> None:
+        """The connection is unusable: abort its requests and wake anyone waiting on it."""
+        conn.dead = True
+        for req in list(conn.reqs.values()):
+            req.aborted = True
+        if conn.shared:
+            with conn.cond:
+                conn.cond.notify_all()
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+    # -- running one request ----------------------------------------------------------------
+
+    def _run(self, req: _Req) -> None:
+        """Run the app for ``req`` and end the request (one sendmsg for a small list response)."""
+        conn = req.conn
+        params = req.params
+        assert params is not None
+        status = 1
+        if not req.aborted:
+            try:
+                environ = build_environ(
+                    params,
+                    input=InputStream(req.read_stdin),
+                    errors=ErrorStream(req.send_stderr),
+                    multithread=self.multithread,
+                    multiprocess=self.multiprocess,
+                )
+                if req.role is not Role.RESPONDER:
+                    environ["fcgi.role"] = _ROLE_NAMES[req.role]
+                    if req.role is Role.FILTER:
+                        environ["fcgi.data"] = InputStream(req.read_data)
+                status = run_app(req.call_app, environ, req.send, log=self.log)
+            except BaseException as exc:
+                # run_app handles Exception itself; what gets here is SystemExit (an app
+                # calling sys.exit()) or a bug. The response state is unknown: drop the
+                # connection (the web server reports a bad gateway) and keep serving.
+                self.log(
+                    "the WSGI application raised "
+                    f"{type(exc).__name__}; closing the connection:\n"
+                    + "".join(traceback.format_exception(exc))
+                )
+                self._kill(conn)
+        if not req.stdin_done and not conn.dead:
+            if req.keep_conn and not req.aborted:
+                # The web server goes on sending this request's STDIN; records for an ended
+                # request are ignored (spec §3.3), so the connection stays usable.
+                pass
+            else:
+                conn.stdin_incomplete = True
+        if conn.shared:
+            with conn.lock:
+                conn.reqs.pop(req.rid, None)
+        else:
+            conn.reqs.pop(req.rid, None)
+        self._end(conn, req, status)
+
+    def _end(self, conn: _Conn, req: _Req, status: int) -> None:
+        """Send what is pending plus END_REQUEST; a dead connection just counts the request."""
+        if conn.shared:
+            with conn.lock:
+                conn.served += 1
+        else:
+            conn.served += 1
+        if conn.dead:
+            with contextlib.suppress(ValueError):
+                if conn.shared:
+                    with conn.lock:
+                        conn.proto.end_request(req.rid, status)
+                else:
+                    conn.proto.end_request(req.rid, status)
+            return
+        proto = conn.proto
+        try:
+            if conn.shared:
+                with conn.lock:
+                    out = (
+                        proto.respond(req.rid, req.pending, status)
+                        if req.pending
+                        else proto.end_request(req.rid, status)
+                    )
+            else:
+                out = (
+                    proto.respond(req.rid, req.pending, status)
+                    if req.pending
+                    else proto.end_request(req.rid, status)
+                )
+        except ValueError:
+            return
+        req.pending = []
+        try:
+            conn.write(out)  # type: ignore[arg-type]
+        except OSError:
+            self._kill(conn)
+
+
+def _close(conn: _Conn) -> None:
+    """Close a connection; if the web server may still be sending (unread STDIN), shut our side
+    first and drain briefly so that the close does not turn into a TCP RST that could destroy
+    the response before the web server has read it."""
+    if conn.stdin_incomplete and not conn.dead:
+        sock = conn.sock
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(1.0)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and sock.recv(RECV_SIZE):
+                pass
+    try:  # noqa: SIM105 - contextlib.suppress costs ~0.5 us, on every request
+        conn.close()
+    except OSError:
+        pass
