@@ -25,7 +25,7 @@ from fcgispawn.sockets import (
 
 PassMode = Literal["fd0", "systemd"]
 
-DEFAULT_THREADS = 4
+DEFAULT_THREADS = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,6 +153,10 @@ def _serve_app(
     if on_start is not None:
         on_start(server)
     with _signals(server):
+        # The listener already queues connections, so "ready" is true from here on. Under
+        # fcgispawn's supervisor this is what ends a reload's overlap (Readiness.NOTIFY); under
+        # systemd (Type=notify, in-process) it is the service's READY=1. No NOTIFY_SOCKET: no-op.
+        systemd.notify("READY=1", f"MAINPID={os.getpid()}")
         return server.serve_forever()
 
 
@@ -160,7 +164,7 @@ def run(
     app_spec: str,
     listener: socket.socket | None = None,
     *,
-    threads: int = 4,
+    threads: int = 2,
     max_requests: int = 0,
     max_requests_jitter: int = 0,
     graceful_timeout: float = 30.0,
@@ -196,7 +200,7 @@ def serve(
     app: WSGIApplication,
     address: str | socket.socket,
     *,
-    threads: int = 4,
+    threads: int = 2,
     max_requests: int = 0,
     max_requests_jitter: int = 0,
     graceful_timeout: float = 30.0,

@@ -464,7 +464,7 @@ class Server:
         app: WSGIApplication,
         listener: socket.socket,
         *,
-        threads: int = 4,
+        threads: int = 2,
         max_requests: int = 0,
         max_requests_jitter: int = 0,
         graceful_timeout: float = 30.0,

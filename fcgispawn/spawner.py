@@ -17,7 +17,7 @@ from fcgispawn import process, systemd
 from fcgispawn.config import SpawnConfig
 from fcgispawn.errors import FcgiSpawnError, SocketError
 from fcgispawn.sockets import BindOptions, FdAddress, Listener, adopt_fd, bind, is_listening_socket
-from fcgispawn.supervisor import PassMode, Policy, Supervisor, WorkerSpec
+from fcgispawn.supervisor import PassMode, Policy, Readiness, Supervisor, WorkerSpec
 
 Log = Callable[[str], None]
 
@@ -88,8 +88,9 @@ def worker_env(cfg: SpawnConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.update(cfg.extra_env)
     if cfg.runtime is not None:
-        # wsgi.multiprocess must be truthful: the runtime cannot see its siblings itself.
-        env["FCGISPAWN_MULTIPROCESS"] = "1" if cfg.workers > 1 else "0"
+        # wsgi.multiprocess must be truthful, and under a supervisor it is: TTIN can add a
+        # sibling at any time, and a reload overlaps old and new workers.
+        env["FCGISPAWN_MULTIPROCESS"] = "1"
     return env
 
 
@@ -131,6 +132,9 @@ def spawn(cfg: SpawnConfig, *, log: Log, say: Log, daemon_log: Callable[[], Log]
         credentials=creds,
         chroot=cfg.chroot,
         chdir=cfg.chdir,
+        # The built-in runtime says READY=1 once it serves, so a reload of a slow-starting
+        # app keeps the old workers until the new ones really answer.
+        readiness=Readiness.NOTIFY if cfg.runtime is not None else Readiness.SETTLE,
     )
     policy = Policy(
         workers=cfg.workers,
