@@ -193,17 +193,13 @@ def _supervise(
     on_ready: Callable[[], None] | None,
 ) -> int:
     pid_written = False
-
-    def ready() -> None:
-        nonlocal pid_written
+    try:
+        # Before any worker starts, as spawn-fcgi does: a pid file that cannot be written
+        # (a symlink, a directory) fails the start instead of killing a running pool.
         if cfg.pid_file is not None:
             process.write_pid_file(cfg.pid_file, os.getpid())
             pid_written = True
-        if on_ready is not None:
-            on_ready()
-
-    try:
-        return Supervisor(sock, spec, policy, log=log).run(ready)
+        return Supervisor(sock, spec, policy, log=log).run(on_ready)
     finally:
         if pid_written and cfg.pid_file is not None:
             with contextlib.suppress(FcgiSpawnError, OSError):

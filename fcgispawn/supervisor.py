@@ -26,11 +26,14 @@ Policy definitions (kept in one place, see :func:`classify_exit`):
   sd_notify-aware program works); one that stays silent is taken as up after
   ``Policy.ready_timeout``. This matters for reloads of slow-starting apps: old workers keep
   serving until the new ones really accept, instead of for a fixed 0.2 s.
-* An exit the supervisor did not ask for is a **startup failure** ("crash") when the worker lived
-  less than ``reset_after`` seconds -- unless it exited with status 0 after being up, which is a
-  voluntary recycle (``--max-requests``) and is replaced at once. A crash is restarted after the
-  slot's backoff delay (``backoff_initial``, doubling, capped at ``backoff_max``). A worker that
-  lived ``reset_after`` seconds or more is replaced at once and its slot's backoff is reset.
+* An exit the supervisor did not ask for is a **startup failure** ("crash") when the worker died
+  before it was up. A crash is restarted after the slot's backoff delay (``backoff_initial``,
+  doubling, capped at ``backoff_max``). A worker that was up and died younger than
+  ``reset_after`` is **lost** (kill -9, OOM killer, a crash on some request): replaced at once
+  the first time, after the slot's doubling delay if it keeps happening, and never counted
+  towards giving up -- the app demonstrably starts, so the pool must stay. Status 0 after being
+  up is a voluntary recycle (``--max-requests``), replaced at once. A worker that lived
+  ``reset_after`` seconds or more is replaced at once and its slot's backoff is reset.
 * ``crash_limit`` crashes (all slots together: they run the same program) within
   ``crash_window`` seconds is a crash loop: every worker is stopped and :meth:`Supervisor.run`
   raises :class:`~fcgispawn.errors.CrashLoopError` naming the last exit reason.
@@ -239,7 +242,10 @@ class ExitKind(Enum):
     REQUESTED = "requested"  # we sent TERM/KILL: never restarted by itself
     DIED = "died"  # lived reset_after or longer: replaced at once, backoff reset
     RECYCLED = "recycled"  # status 0 after being up, younger: replaced at once, not a failure
-    CRASHED = "crashed"  # any other young death: counts towards the crash limit, backoff
+    LOST = "lost"  # died after being up, younger than reset_after: replaced at once the first
+    #               time (a kill -9, the OOM killer), with backoff if it keeps happening; not a
+    #               startup failure, so it never makes the supervisor give up on a working app
+    CRASHED = "crashed"  # died before it was up: counts towards the crash limit, backoff
 
 
 def classify_exit(
@@ -250,9 +256,11 @@ def classify_exit(
         return ExitKind.REQUESTED
     if lifetime >= policy.reset_after:
         return ExitKind.DIED
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and was_up:
+    if not was_up:
+        return ExitKind.CRASHED
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         return ExitKind.RECYCLED
-    return ExitKind.CRASHED
+    return ExitKind.LOST
 
 
 def next_backoff(delay: float, policy: Policy) -> float:
@@ -896,6 +904,8 @@ class Supervisor:
                 self._log(f"{desc}; replacing it")
                 slot.delay = self._policy.backoff_initial
                 self._restart_now(slot)
+            case ExitKind.LOST:
+                self._lost(slot, desc)
             case ExitKind.CRASHED:
                 self._log(desc)
                 self._crashed(slot, last)
@@ -909,6 +919,21 @@ class Supervisor:
 
     def _restart_now(self, slot: _Slot) -> None:
         slot.restart_at = time.monotonic()
+
+    def _lost(self, slot: _Slot, desc: str) -> None:
+        """A worker that was serving died young: replace it now, back off only on a repeat.
+
+        A slot whose delay is still the initial one has had no failure since it last lived
+        long enough, so the replacement starts at once (the socket keeps queueing meanwhile);
+        each further loss before that waits the slot's doubling delay.
+        """
+        if slot.delay <= self._policy.backoff_initial:
+            self._log(f"{desc}; replacing it")
+            self._restart_now(slot)
+        else:
+            slot.restart_at = time.monotonic() + slot.delay
+            self._log(f"{desc}; replacing it in {slot.delay:.2f}s")
+        slot.delay = next_backoff(slot.delay, self._policy)
 
     def _crashed(self, slot: _Slot, reason: str) -> None:
         now = time.monotonic()

@@ -71,8 +71,8 @@ POLICY = Policy(reset_after=10.0)
         (_exited(3), 0.01, False, False, ExitKind.CRASHED),
         (_exited(0), 0.01, False, False, ExitKind.CRASHED),  # `true` as COMMAND is a crash
         (_exited(0), 2.0, False, True, ExitKind.RECYCLED),  # --max-requests style exit
-        (_exited(1), 2.0, False, True, ExitKind.CRASHED),
-        (_signaled(signal.SIGKILL), 2.0, False, True, ExitKind.CRASHED),
+        (_exited(1), 2.0, False, True, ExitKind.LOST),  # was serving: not a startup failure
+        (_signaled(signal.SIGKILL), 2.0, False, True, ExitKind.LOST),  # kill -9, OOM killer
         (_signaled(signal.SIGKILL), 10.0, False, True, ExitKind.DIED),
         (_exited(0), 30.0, False, True, ExitKind.DIED),
         (_exited(3), 0.01, True, False, ExitKind.REQUESTED),
@@ -529,17 +529,39 @@ def test_killed_worker_is_replaced_within_1s_while_the_other_keeps_serving(
     print(f"replacement latency after kill -9: {latency * 1000:.1f} ms")
 
 
-def test_young_worker_death_is_restarted_after_the_backoff(
+def test_serving_worker_killed_is_replaced_at_once_then_with_backoff_if_it_repeats(
     procs: ProcessGroup, sockdir: Path
 ) -> None:
     sup = start(procs, sockdir, policy={"backoff_initial": 0.3, "reset_after": 60})
     (pid,) = sup.wait_workers(1)
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    sup.wait_workers(1, exclude={pid})
-    delay = time.monotonic() - t0
-    assert 0.29 <= delay < 1.5, delay
+    (pid2,) = sup.wait_workers(1, exclude={pid})
+    assert time.monotonic() - t0 < 0.29  # the first loss: no delay
+    time.sleep(0.3)  # let it be up
+    t1 = time.monotonic()
+    os.kill(pid2, signal.SIGKILL)
+    sup.wait_workers(1, exclude={pid, pid2})
+    delay = time.monotonic() - t1
+    assert 0.59 <= delay < 2.0, delay  # a repeat within reset_after backs off (doubled)
+    sup.wait_log("replacing it in 0.60s")
+
+
+def test_worker_dying_before_it_is_up_is_restarted_after_the_backoff(
+    procs: ProcessGroup, sockdir: Path
+) -> None:
+    marker = sockdir / "die-at-start"
+    marker.touch()
+    sup = start(
+        procs,
+        sockdir,
+        argv=[*WORKER, "--exit-if-exists", str(marker)],
+        wait_ready=False,
+        policy={"backoff_initial": 0.3, "reset_after": 60},
+    )
     sup.wait_log("restarting slot 0 in 0.30s")
+    marker.unlink()
+    sup.wait_workers(1)
 
 
 def test_worker_exiting_0_after_startup_is_recycled_not_a_crash(
