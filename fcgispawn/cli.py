@@ -218,7 +218,7 @@ def _options(params: dict[str, Any]) -> Options:
     default=10.0,
     show_default=True,
     metavar="SECONDS",
-    help="Window for --crash-limit; a worker that lives longer is not a startup failure.",
+    help="Window for --crash-limit; a worker that dies after it was up is restarted, not counted.",
 )
 @click.option(
     "--backoff-max",
