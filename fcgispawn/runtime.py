@@ -15,6 +15,23 @@ in-flight requests, bounded by ``graceful_timeout``), QUIT -> immediate stop, US
 yet (placeholder for reopening logs; it must not kill the worker, which is USR1's default),
 HUP -> ignored (the supervisor reloads by replacing workers; a worker must not die of it).
 The handlers only call :meth:`Server.stop`, which sets a flag and writes an eventfd.
+
+Timeouts (server.py says how each works): ``request_timeout`` (cli ``--request-timeout``) is
+the longest one app call may run; when one overruns, the server logs it and stops, and
+:func:`run` ends the process with :data:`~fcgispawn.server.EXIT_REQUEST_TIMEOUT` (124) at once
+-- a hung thread cannot be stopped or joined, and the supervisor replaces the worker. The I/O
+timeout for a stalled web server (:data:`~fcgispawn.server.IO_TIMEOUT`, 30 s) and the idle
+timeout of kept-open connections (60 s) are fixed internal defaults.
+
+File descriptors: every parked connection holds one (up to ``server.MAX_IDLE_CONNS`` kept-open
+plus ``server.MAX_PENDING_CONNS`` not-yet-complete ones, 1024 each),
+so :func:`run` raises the soft RLIMIT_NOFILE towards the hard limit when the soft one is
+below what the server may hold (many distributions default to soft 1024). Only the worker
+program does this, never :func:`serve` (a library must not change process-wide limits). The
+cap :data:`NOFILE_TARGET` keeps ``select()``-using libraries' troubles (FD_SETSIZE) rare
+enough to matter less than EMFILE: fds are allocated lowest-first, so they only see high
+numbers under that many connections. If fds still run out, accept() backs off and serving
+goes on (server.py).
 """
 
 from __future__ import annotations
@@ -22,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import resource
 import signal
 import socket
 import sys
@@ -31,7 +49,7 @@ from typing import Any
 
 from fcgispawn import sockets, systemd
 from fcgispawn.errors import AppImportError, ConfigError, SocketError
-from fcgispawn.server import Server
+from fcgispawn.server import EXIT_REQUEST_TIMEOUT, MAX_IDLE_CONNS, MAX_PENDING_CONNS, Server
 from fcgispawn.wsgi import WSGIApplication, WSGIAppLoadError, load_app
 
 __all__ = ["NO_SOCKET_MESSAGE", "find_listener", "run", "serve"]
@@ -43,10 +61,15 @@ NO_SOCKET_MESSAGE = (
 MULTIPROCESS_ENV = "FCGISPAWN_MULTIPROCESS"
 #: The systemd fd name preferred when several sockets are passed (cli's --fdname default).
 FDNAME = "fcgi"
+#: The soft RLIMIT_NOFILE the worker program raises itself to (never above the hard limit).
+NOFILE_TARGET = 65536
 
 
 def _stderr_log(message: str) -> None:
-    print(f"fcgispawn[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+    # One write per line: print() writes the text and the newline separately, so lines from
+    # two pool threads could interleave.
+    sys.stderr.write(f"fcgispawn[{os.getpid()}]: {message}\n")
+    sys.stderr.flush()
 
 
 def find_listener() -> socket.socket:
@@ -63,6 +86,32 @@ def find_listener() -> socket.socket:
     if sockets.is_listening_socket(0):
         return sockets.adopt_fd(0)
     raise SocketError(NO_SOCKET_MESSAGE)
+
+
+def raise_nofile_limit(threads: int, log: Callable[[str], None]) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE if it is below what the server may hold open; returns the
+    (old, new) soft limit. Never fails: a limit we cannot change is logged, not fatal."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return -1, -1
+    # Parked connections (both pools) + one per thread + the app's own files and sockets.
+    needed = MAX_IDLE_CONNS + MAX_PENDING_CONNS + threads + 256
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft, soft
+    target = NOFILE_TARGET if hard == resource.RLIM_INFINITY else min(hard, NOFILE_TARGET)
+    if target <= soft:
+        log(
+            f"warning: RLIMIT_NOFILE is {soft} (hard {hard}), below the {needed} fds this "
+            "worker may hold; beyond it new connections wait in the backlog"
+        )
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log(f"warning: cannot raise RLIMIT_NOFILE from {soft} to {target}: {exc}")
+        return soft, soft
+    return soft, target
 
 
 def import_app(app_spec: str) -> WSGIApplication:
@@ -127,6 +176,7 @@ def _serve_app(
     multiprocess: bool | None,
     log: Callable[[str], None],
     on_start: Callable[[Server], None] | None = None,
+    exit_on_request_timeout: bool = False,
 ) -> int:
     if web_server_addrs is None:
         web_server_addrs = os.environ.get("FCGI_WEB_SERVER_ADDRS") or None
@@ -157,7 +207,14 @@ def _serve_app(
         # fcgispawn's supervisor this is what ends a reload's overlap (Readiness.NOTIFY); under
         # systemd (Type=notify, in-process) it is the service's READY=1. No NOTIFY_SOCKET: no-op.
         systemd.notify("READY=1", f"MAINPID={os.getpid()}")
-        return server.serve_forever()
+        rc = server.serve_forever()
+    if rc == EXIT_REQUEST_TIMEOUT and exit_on_request_timeout:
+        # The hung app thread holds whatever it holds (locks, the GIL between bytecodes):
+        # interpreter shutdown could wait on it forever. Leave now; the log line is out.
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def run(
@@ -178,9 +235,11 @@ def run(
     The socket is found before the app is imported, so a missing socket is reported without
     running user code. ``web_server_addrs`` None -> env FCGI_WEB_SERVER_ADDRS; ``multiprocess``
     None -> env FCGISPAWN_MULTIPROCESS=1. Returns the exit code (0 after a stop or recycling);
-    raises SocketError / AppImportError / ConfigError for cli.py to report.
+    raises SocketError / AppImportError / ConfigError for cli.py to report. An app call that
+    overruns ``request_timeout`` ends the process with status 124 (EXIT_REQUEST_TIMEOUT).
     """
     sock = listener if listener is not None else find_listener()
+    raise_nofile_limit(threads, log)
     app = import_app(app_spec)
     return _serve_app(
         app,
@@ -193,6 +252,7 @@ def run(
         web_server_addrs=web_server_addrs,
         multiprocess=multiprocess,
         log=log,
+        exit_on_request_timeout=True,
     )
 
 
@@ -217,7 +277,9 @@ def serve(
     ``/abs/path.sock``, ``127.0.0.1:9000``, ``[::1]:9000``, ``fd:N``. A socket we bind is
     closed (and its file removed) on return. Raises SocketError/ConfigError on bad input.
     ``on_start`` gets the :class:`Server` before it serves: an embedder running this outside
-    the main thread (no signal handlers there) keeps it to call ``stop()``.
+    the main thread (no signal handlers there) keeps it to call ``stop()``. An app call that
+    overruns ``request_timeout`` makes this return EXIT_REQUEST_TIMEOUT (124); the hung
+    thread is a daemon thread the embedder may want to exit over.
     """
     if isinstance(address, socket.socket):
         return _serve_app(

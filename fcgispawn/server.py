@@ -4,8 +4,10 @@ Why it is shaped like this (DESIGN.md, server.py; each point was measured on pro
 
 * **Fast path, no hand-off.** Every pool thread accepts connections itself and runs the whole
   request inline on the bare fd: ``accept4`` -> ``read`` -> app -> one ``writev`` -> ``close``,
-  4 syscalls (measured with ``strace -c`` behind nginx). A dispatcher thread feeding workers
-  cost ~40 % more CPU per request; a selector loop on the fast path 5-10 us more; asyncio 4x.
+  4 syscalls (measured with ``strace -c`` behind nginx; the read and the writev are
+  ``preadv2``/``pwritev2`` with RWF_NOWAIT, see below, at the same cost). A dispatcher
+  thread feeding workers cost ~40 % more CPU per request; a selector loop on the fast path
+  5-10 us more; asyncio 4x.
   The listener is non-blocking and a thread only sleeps when ``accept()`` says EAGAIN, so
   under load the steady state is one accept per request. No socket object is made per
   connection: CPython's constructor adds a ``getsockname`` syscall.
@@ -21,11 +23,30 @@ Why it is shaped like this (DESIGN.md, server.py; each point was measured on pro
   listener: parked connections and queued tasks must wake one thread too, and
   ``EPOLLEXCLUSIVE`` can neither be combined with ``EPOLLONESHOT`` nor used on a nested epoll
   fd (EINVAL), so every parked connection would wake every idle thread.
-* **KEEP_CONN without pinning threads.** After a request on a connection the web server keeps
-  (nginx ``fastcgi_keep_conn``), the connection is parked in the epoll and the thread goes back
-  to accepting; when the web server sends the next request, one sleeping thread picks it up.
-  Parked connections are closed after :data:`IDLE_TIMEOUT` seconds (by the coordinating main
-  thread, which sleeps until the earliest deadline) and when the server stops.
+* **No peer pins a thread.** Every read is non-blocking (``preadv2(RWF_NOWAIT)`` on the bare
+  fd: the same single syscall as ``read``, see :func:`_nowait_io`). A connection with nothing
+  to read -- accepted before the web server wrote, kept open between requests (nginx
+  ``fastcgi_keep_conn``), or stalled in the middle of a record before its request starts -- is
+  parked in the epoll and the thread goes back to accepting; when bytes arrive, one sleeping
+  thread picks it up. Parked connections are closed by the coordinating main thread (which
+  sleeps until the earliest deadline) after :data:`IDLE_TIMEOUT` seconds between requests, or
+  ``io_timeout`` seconds (:data:`IO_TIMEOUT`) for a connection that has not finished sending a
+  request; bytes that complete no record do not extend that deadline (no slowloris). So 1,000
+  silent connections cost 1,000 fds and no thread. A thread blocks on a peer only while it runs
+  that peer's request: waiting for more STDIN, or for the web server to take response bytes
+  (``poll`` with ``io_timeout``; writes are non-blocking too, so a full socket buffer never
+  hangs a ``writev``). On that timeout the connection is closed, logged in one line.
+* **Hung applications.** ``request_timeout`` bounds one app call (from the call to the end of
+  its response). A thread cannot be interrupted, so when a call overruns, the coordinator logs
+  one line naming the request and its run time and the server stops with
+  :data:`EXIT_REQUEST_TIMEOUT`: requests on other threads get up to ``request_timeout`` more
+  to finish, then runtime.py exits the process and the supervisor starts a fresh worker. The
+  coordinator's timer is armed only while app calls are in flight (no polling when idle).
+* **Out of file descriptors.** ``accept()`` failing with EMFILE/ENFILE/ENOBUFS/ENOMEM leaves
+  the connection in the backlog; the thread that saw it sleeps :data:`ACCEPT_BACKOFF` before
+  it re-arms the listener, so one thread retries ten times a second (never a busy loop) while
+  the others keep serving their connections; it is logged once, then once per
+  :data:`ACCEPT_LOG_EVERY` seconds, and the recovery is logged with the outage's length.
 * **Multiplexing off the fast path.** A second concurrent request id on a connection makes the
   connection *shared*: extra requests become tasks that other pool threads pick up, writes go
   out under a per-connection lock (whole records at a time), and reading follows a
@@ -58,7 +79,6 @@ import random
 import select
 import signal
 import socket
-import struct
 import threading
 import time
 import traceback
@@ -88,8 +108,12 @@ from fcgispawn.wsgi import (
 )
 
 __all__ = [
+    "ACCEPT_BACKOFF",
+    "EXIT_REQUEST_TIMEOUT",
     "IDLE_TIMEOUT",
+    "IO_TIMEOUT",
     "MAX_IDLE_CONNS",
+    "MAX_PENDING_CONNS",
     "Server",
     "parse_web_server_addrs",
 ]
@@ -98,8 +122,28 @@ __all__ = [
 #: upstream ``keepalive_timeout`` defaults to 60 s: closing at the same time avoids keeping
 #: connections nginx has already forgotten, and nginx copes with a close of an idle one.
 IDLE_TIMEOUT: Final = 60.0
-#: Parked idle connections kept at most; beyond, the longest-idle one is closed. Bounds fds.
+#: Seconds a connection that has not finished sending a request may stay silent: before its
+#: first record, in the middle of a record or of PARAMS (parked, no thread), or while its running
+#: request waits for STDIN or for the web server to take response bytes (a thread waits in
+#: ``poll``). A web server writes a request at once and reads responses as they come, so only a
+#: dead or hostile peer hits it; nginx's own fastcgi_send/read_timeout default to 60 s.
+IO_TIMEOUT: Final = 30.0
+#: Exit status of a worker whose app call overran ``request_timeout`` (as timeout(1) uses):
+#: distinct from a crash (1) and a clean recycle (0), so the supervisor and logs can tell.
+EXIT_REQUEST_TIMEOUT: Final = 124
+#: How long the thread whose accept() failed for lack of fds/memory waits before retrying.
+ACCEPT_BACKOFF: Final = 0.1
+#: An accept() outage is logged when it starts, then at most once per this many seconds.
+ACCEPT_LOG_EVERY: Final = 10.0
+#: Parked idle (kept-open, between requests) connections kept at most; beyond, the connection
+#: that would become one more is closed instead. Bounds fds (runtime.py raises RLIMIT_NOFILE).
 MAX_IDLE_CONNS: Final = 1024
+#: On a graceful stop, how long connections accepted just before it get to send their request.
+PENDING_DRAIN: Final = 1.0
+#: Parked connections owing a request (new and silent, or stalled mid-request) kept at most;
+#: beyond, the oldest is closed. Separate from MAX_IDLE_CONNS so that a flood of silent
+#: connections never evicts the web server's kept-open ones.
+MAX_PENDING_CONNS: Final = 1024
 #: One recv per read; a typical nginx request (BEGIN + PARAMS + empty STDIN) is < 2 KiB, and
 #: 64 KiB takes a whole STDIN record at once during uploads. Below glibc's mmap threshold, so the
 #: bytes object comes from the heap, not from an mmap/munmap pair per call.
@@ -138,6 +182,65 @@ _DONTWAIT: Final = socket.MSG_DONTWAIT
 #: ``conn.shared``, and a connection gets its own Condition before it becomes shared).
 _NO_COND: Final = threading.Condition(threading.Lock())
 _PEEK_DONTWAIT: Final = socket.MSG_DONTWAIT | socket.MSG_PEEK
+_RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)
+_POLLIN: Final = select.POLLIN
+_POLLOUT: Final = select.POLLOUT
+
+#: Whether ``preadv2``/``pwritev2`` with RWF_NOWAIT work on sockets here (None: not probed yet).
+_nowait: bool | None = None
+#: Each pool thread reads into its own reusable buffer (see _Conn.recv).
+_tls = threading.local()
+
+
+def _nowait_io() -> bool:
+    """Probe once per process whether RWF_NOWAIT works on sockets (Linux >= 4.14 for reads;
+    writes need FMODE_NOWAIT on sockets, newer kernels).
+
+    Why: the fd from ``accept()`` is blocking (CPython's accept4 passes no SOCK_NONBLOCK) and
+    making it non-blocking costs two fcntl calls, while a socket object (for recv/sendmsg with
+    MSG_DONTWAIT) costs a getsockname per connection; ``preadv2``/``pwritev2`` with
+    RWF_NOWAIT are non-blocking per call on the bare fd for the price of read/writev. Without
+    them the connection's socket object and MSG_DONTWAIT are used instead: same behaviour, one
+    syscall more per connection.
+    """
+    global _nowait
+    if _nowait is None:
+        ok = bool(_RWF_NOWAIT)
+        if ok:
+            a, b = socket.socketpair()
+            try:
+                with contextlib.suppress(BlockingIOError):
+                    os.preadv(a.fileno(), [bytearray(1)], -1, _RWF_NOWAIT)
+                os.pwritev(a.fileno(), [b"x"], -1, _RWF_NOWAIT)
+                ok = os.preadv(b.fileno(), [bytearray(1)], -1, _RWF_NOWAIT) == 1
+            except (OSError, AttributeError):
+                ok = False
+            finally:
+                a.close()
+                b.close()
+        _nowait = ok
+    return _nowait
+
+
+def _read_buffer() -> bytearray:
+    """This thread's receive buffer: ``preadv`` needs a writable one, and allocating 64 KiB per
+    read would cost more than the read."""
+    try:
+        buf: bytearray = _tls.buf
+    except AttributeError:
+        buf = _tls.buf = bytearray(RECV_SIZE)
+    return buf
+
+
+def _wait_fd(fd: int, events: int, timeout: float) -> bool:
+    """Block until ``fd`` is ready for ``events`` (or has an error/hang-up); False on timeout.
+
+    A poll object per wait costs no syscall of its own; this only runs when a non-blocking read
+    or write found nothing to do, i.e. off the fast path.
+    """
+    p = select.poll()
+    p.register(fd, events)
+    return bool(p.poll(max(0, int(timeout * 1000) + 1)))
 
 
 def parse_web_server_addrs(text: str | Sequence[str] | None) -> frozenset[str] | None:
@@ -283,16 +386,16 @@ class _Req:
                 for b in bufs:
                     if b:
                         records += conn.frame(self.rid, b, stderr=False)
-                conn.write(records)
+                conn.write(records, self.server.io_timeout)
                 return
-        conn.write(conn.frame(self.rid, data, stderr=False))
+        conn.write(conn.frame(self.rid, data, stderr=False), self.server.io_timeout)
 
     def send_stderr(self, data: bytes) -> None:
         """``wsgi.errors`` sink: FCGI_STDERR records (nginx logs them as an error line)."""
         if self.aborted or self.conn.dead:
             raise BrokenPipeError(errno.EPIPE, "the connection is gone")
         conn = self.conn
-        conn.write(conn.frame(self.rid, data, stderr=True))
+        conn.write(conn.frame(self.rid, data, stderr=True), self.server.io_timeout)
 
 
 class _Conn:
@@ -309,11 +412,14 @@ class _Conn:
         "_sock",
         "cond",
         "dead",
+        "deadline",
         "family",
         "fd",
+        "fresh",
         "idle",
-        "idle_since",
         "lock",
+        "pending",
+        "progress",
         "proto",
         "registered",
         "reqs",
@@ -338,7 +444,10 @@ class _Conn:
         self.dead = False
         self.registered = False
         self.idle = False
-        self.idle_since = 0.0
+        self.deadline = 0.0  # when a parked connection is closed (0: never parked yet)
+        self.fresh = True  # no record has completed yet (its first request is still due)
+        self.progress = False  # a read completed a record since the connection was last parked
+        self.pending = False  # parked owing a request (io_timeout), not idle between requests
         self.served = 0
         self.stdin_incomplete = False
         self.lock = threading.Lock()  # protocol state + users (short critical sections)
@@ -362,9 +471,13 @@ class _Conn:
             sock = self._sock = socket.socket(self.family, socket.SOCK_STREAM, 0, self.fd)
         return sock
 
-    def recv(self, blocking: bool) -> bytes:
-        if blocking:
-            return os.read(self.fd, RECV_SIZE)
+    def recv(self) -> Buffer:
+        """One non-blocking read: the bytes (a view of this thread's buffer, valid until its
+        next read), ``b""`` at EOF; BlockingIOError when nothing is there yet."""
+        if _nowait:
+            buf = _read_buffer()
+            n = os.preadv(self.fd, [buf], -1, _RWF_NOWAIT)
+            return memoryview(buf)[:n]
         return self.sock.recv(RECV_SIZE, _DONTWAIT)
 
     def close(self) -> None:
@@ -379,21 +492,33 @@ class _Conn:
                 return self.proto.stderr(rid, data) if stderr else self.proto.stdout(rid, data)
         return self.proto.stderr(rid, data) if stderr else self.proto.stdout(rid, data)
 
-    def write(self, bufs: list[Buffer]) -> None:
-        """Send every buffer (whole records) or raise OSError; one sendmsg in the common case."""
+    def write(self, bufs: list[Buffer], timeout: float) -> None:
+        """Send every buffer (whole records) or raise OSError; one writev in the common case.
+
+        Never blocks in the kernel: a full socket buffer (a web server that stopped reading)
+        makes the thread wait in poll() for at most ``timeout`` seconds of no progress, then
+        TimeoutError; other threads keep serving meanwhile.
+        """
         if self.dead:
             raise BrokenPipeError(errno.EPIPE, "the connection is gone")
         if self.shared:
             with self.wlock:
-                self._write(bufs)
+                self._write(bufs, timeout)
         else:
-            self._write(bufs)
+            self._write(bufs, timeout)
 
-    def _write(self, bufs: list[Buffer]) -> None:
-        fd = self.fd
+    def _writev(self, bufs: Sequence[Buffer]) -> int:
+        if _nowait:
+            return os.pwritev(self.fd, bufs, -1, _RWF_NOWAIT)
+        return self.sock.sendmsg(bufs, (), _DONTWAIT)
+
+    def _write(self, bufs: list[Buffer], timeout: float) -> None:
         try:
             if len(bufs) <= _IOV_MAX:
-                sent = os.writev(fd, bufs)
+                try:
+                    sent = self._writev(bufs)
+                except BlockingIOError:
+                    sent = 0
                 total = 0
                 for b in bufs:
                     total += len(b)
@@ -401,10 +526,43 @@ class _Conn:
                     return
             else:
                 sent = 0
-            _send_rest(fd, bufs, sent)
+            self._send_rest(bufs, sent, timeout)
         except OSError:
             self.dead = True
             raise
+
+    def _send_rest(self, bufs: list[Buffer], skip: int, timeout: float) -> None:
+        """Finish a partial (or oversized) write: skip ``skip`` bytes, send the rest in batches,
+        waiting for room (bounded by ``timeout`` per wait) when the socket buffer is full."""
+        views: list[memoryview] = []
+        for b in bufs:
+            mv = memoryview(b).cast("B") if not isinstance(b, memoryview) else b.cast("B")
+            n = len(mv)
+            if skip >= n:
+                skip -= n
+                continue
+            views.append(mv[skip:] if skip else mv)
+            skip = 0
+        while views:
+            try:
+                sent = self._writev(views[:_IOV_MAX])
+            except BlockingIOError:
+                sent = 0
+            if not sent:
+                if not _wait_fd(self.fd, _POLLOUT, timeout):
+                    raise TimeoutError(
+                        errno.ETIMEDOUT,
+                        f"the web server took no response bytes for {timeout:g} s",
+                    )
+                continue
+            while sent:
+                n = len(views[0])
+                if sent >= n:
+                    sent -= n
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
 
     def consumed(self, req: _Req, n: int) -> None:
         """A multiplexed request took ``n`` queued bytes: wake a reader waiting for room."""
@@ -413,39 +571,23 @@ class _Conn:
             self.cond.notify_all()
 
 
-def _send_rest(fd: int, bufs: list[Buffer], skip: int) -> None:
-    """Finish a partial (or oversized) sendmsg: skip ``skip`` bytes, send the rest in batches."""
-    views: list[memoryview] = []
-    for b in bufs:
-        mv = memoryview(b).cast("B") if not isinstance(b, memoryview) else b.cast("B")
-        n = len(mv)
-        if skip >= n:
-            skip -= n
-            continue
-        views.append(mv[skip:] if skip else mv)
-        skip = 0
-    while views:
-        batch = views[:_IOV_MAX]
-        sent = os.writev(fd, batch)
-        while sent:
-            n = len(views[0])
-            if sent >= n:
-                sent -= n
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
-
-
 class Server:
     """Serve a WSGI app over FastCGI on ``listener`` with a pool of ``threads`` threads.
 
     ``serve_forever()`` runs the pool and coordinates (idle timeouts, stopping) in the calling
     thread, which should be the main thread when signal handlers call :meth:`stop`. It returns
     0 after a stop (graceful drain done, or its timeout passed, or ``max_requests`` reached).
-    ``request_timeout`` (seconds, 0 = none) bounds every read and write on a connection that
-    carries a request, so a stalled peer cannot pin a thread forever; it does not bound the
-    app's own run time (a thread cannot be interrupted).
+    Three timeouts, each for one thing (the module docstring says how they work):
+
+    * ``request_timeout`` (seconds, 0 = none; cli's ``--request-timeout``): the longest one app
+      call may run, its response included. Overrunning it stops the server with
+      :data:`EXIT_REQUEST_TIMEOUT` (runtime.py then ends the process: a hung thread cannot be
+      stopped any other way, and the supervisor replaces the worker).
+    * ``io_timeout`` (None: :data:`IO_TIMEOUT`): how long a peer may keep us waiting in the
+      middle of a request -- before its first record, within a record or PARAMS, for STDIN the
+      app reads, or to take response bytes. The connection is closed, the worker lives.
+    * ``idle_timeout`` (None: :data:`IDLE_TIMEOUT`): how long a kept-open connection may sit
+      between requests.
 
     ``web_server_addrs`` (FCGI_WEB_SERVER_ADDRS, spec §3.2) is checked on TCP listeners only:
     a peer not listed is closed right after accept(). On a UNIX listener peers have no
@@ -469,12 +611,19 @@ class Server:
         max_requests_jitter: int = 0,
         graceful_timeout: float = 30.0,
         request_timeout: float = 0,
+        io_timeout: float | None = None,
+        idle_timeout: float | None = None,
         web_server_addrs: Sequence[str] | str | None = None,
         multiprocess: bool = False,
         log: Callable[[str], None],
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
+        if request_timeout < 0:
+            raise ValueError(f"request_timeout must not be negative, not {request_timeout}")
+        for name, value in (("io_timeout", io_timeout), ("idle_timeout", idle_timeout)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, not {value}")
         if max_requests < 0 or max_requests_jitter < 0:
             raise ValueError("max_requests and max_requests_jitter must not be negative")
         self.app = app
@@ -485,6 +634,10 @@ class Server:
         )
         self.graceful_timeout = graceful_timeout
         self.request_timeout = request_timeout
+        # None: the module values, read at construction (not import) so that a test running
+        # the worker program can shorten them in the child.
+        self.io_timeout = IO_TIMEOUT if io_timeout is None else io_timeout
+        self.idle_timeout = IDLE_TIMEOUT if idle_timeout is None else idle_timeout
         self.multithread = threads > 1
         self.multiprocess = multiprocess
         self.log = log
@@ -500,22 +653,29 @@ class Server:
         )
         self._family = listener.family
         self._tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
-        self._timeval = (
-            struct.pack("ll", int(request_timeout), int((request_timeout % 1) * 1e6))
-            if request_timeout > 0
-            else None
-        )
+        _nowait_io()
         self._lock = threading.Lock()
         self._work = 0  # connections owned by a thread + queued tasks
         self._served = 0
         self._watched: dict[int, _Conn] = {}  # fd -> connection registered (armed) in the epoll
-        self._idle_count = 0
+        self._idle_count = 0  # parked between requests (kept open by the web server)
+        self._pending_count = 0  # parked owing a request (new, or stalled mid-request)
         self._tasks: collections.deque[Callable[[], None]] = collections.deque()
         self._accepting = True
         self._stop_requested = False
         self._graceful = True
         self._stopping = False
-        self._main_sleeping = False
+        #: When the coordinator will next wake by itself (inf: not before a signal/stop):
+        #: whoever sets an earlier deadline (a parked connection, an app call) wakes it.
+        self._main_wake_at = float("inf")
+        #: App calls in flight (only with request_timeout): key -> (start, params), in start
+        #: order, so the first one is the oldest.
+        self._calls: dict[int, tuple[float, dict[bytes, bytes]]] = {}
+        self._call_seq = 0
+        self._exit_code = 0
+        self._accept_down_since: float | None = None
+        self._accept_logged_at = 0.0
+        self._accept_failures = 0
         self._ep: select.epoll | None = None
         self._ctl_fd = -1
         self._stop_fd = -1
@@ -548,7 +708,8 @@ class Server:
                 os.eventfd_write(fd, 1)
 
     def serve_forever(self) -> int:
-        """Run until stopped; returns the exit code (0)."""
+        """Run until stopped; returns the exit code: 0, or :data:`EXIT_REQUEST_TIMEOUT` after an
+        app call overran ``request_timeout``."""
         self.listener.setblocking(False)
         self._ctl_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -589,51 +750,121 @@ class Server:
     # -- the coordinating (main) thread ----------------------------------------------------------
 
     def _coordinate(self, ctl: select.poll) -> None:
-        """Sleep until stopped, waking only to close parked connections whose time is up."""
+        """Sleep until stopped, waking only when a deadline passes: a parked connection's, or
+        an app call's ``request_timeout`` (armed only while calls are in flight)."""
         while not self._stop_requested:
             timeout = self._reap()
+            if self._stop_requested:
+                break
             ctl.poll(None if timeout is None else max(1, int(timeout * 1000) + 1))
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._ctl_fd)
 
     def _reap(self) -> float | None:
-        """Close expired idle connections; return seconds until the next expiry (None: none)."""
+        """Close expired parked connections and check the oldest app call; return seconds
+        until the next deadline (None: none, sleep until woken)."""
         now = time.monotonic()
+        # Deadlines within this slack are handled now: one wakeup closes a whole burst of
+        # connections parked together instead of one wakeup each.
+        horizon = now + 0.05
         expired: list[_Conn] = []
-        next_deadline: float | None = None
+        next_deadline = float("inf")
+        hung: tuple[float, dict[bytes, bytes]] | None = None
         with self._lock:
             for fd, conn in list(self._watched.items()):
                 if not conn.idle:
                     continue
-                deadline = conn.idle_since + IDLE_TIMEOUT
-                if deadline <= now:
+                deadline = conn.deadline
+                if deadline <= horizon:
                     del self._watched[fd]
-                    self._idle_count -= 1
+                    self._unpark_locked(conn)
                     expired.append(conn)
-                elif next_deadline is None or deadline < next_deadline:
+                elif deadline < next_deadline:
                     next_deadline = deadline
-            self._main_sleeping = next_deadline is None
+            if self._calls:
+                oldest = next(iter(self._calls.values()))
+                deadline = oldest[0] + self.request_timeout
+                if deadline <= now:
+                    hung = oldest
+                elif deadline < next_deadline:
+                    next_deadline = deadline
+            self._main_wake_at = next_deadline
         for conn in expired:
+            if conn.reqs or conn.fresh:
+                self.log(
+                    f"I/O timeout: the web server sent no complete request in "
+                    f"{self.io_timeout:g} s; closing the connection"
+                )
             _close(conn)
-        return None if next_deadline is None else next_deadline - now
+        if hung is not None:
+            self._request_overrun(now, *hung)
+        return None if next_deadline == float("inf") else next_deadline - now
+
+    def _request_overrun(self, now: float, started: float, params: dict[bytes, bytes]) -> None:
+        """An app call overran request_timeout: say which one, then stop with the exit status
+        that makes runtime.py end this process (the hung thread cannot be stopped otherwise)."""
+        method = params.get(b"REQUEST_METHOD", b"").decode("latin-1") or "request"
+        uri = params.get(b"REQUEST_URI")
+        if uri is None:
+            uri = params.get(b"SCRIPT_NAME", b"") + params.get(b"PATH_INFO", b"")
+            query = params.get(b"QUERY_STRING")
+            if query:
+                uri += b"?" + query
+        self.log(
+            f"request timeout: {method} {uri.decode('latin-1')!s} has run for "
+            f"{now - started:.1f} s (limit {self.request_timeout:g} s); ending this worker "
+            f"with exit status {EXIT_REQUEST_TIMEOUT} so that a fresh one replaces it"
+        )
+        self._exit_code = EXIT_REQUEST_TIMEOUT
+        self.stop(graceful=True)
+
+    def _call_started(self, params: dict[bytes, bytes]) -> int:
+        """Register an app call for the request_timeout watchdog; wakes the coordinator only if
+        its timer would otherwise fire too late (the first call after an idle spell)."""
+        now = time.monotonic()
+        with self._lock:
+            key = self._call_seq = self._call_seq + 1
+            self._calls[key] = (now, params)
+            deadline = now + self.request_timeout
+            wake = deadline < self._main_wake_at
+            if wake:
+                self._main_wake_at = deadline
+        if wake:
+            self._wake_main()
+        return key
+
+    def _call_ended(self, key: int) -> None:
+        with self._lock:
+            self._calls.pop(key, None)
+            stopping = self._stopping
+        if stopping:  # a drain after a request timeout waits for exactly this
+            self._wake_main()
 
     def _shutdown(self, ctl: select.poll) -> int:
         """Stop accepting, close idle connections, drain in-flight work, release the threads."""
         graceful = self._graceful
-        reason = "max-requests reached" if self._max_reached() else "stop requested"
+        timed_out = self._exit_code == EXIT_REQUEST_TIMEOUT
+        if timed_out:
+            reason = "request timeout"
+        elif self._max_reached():
+            reason = "max-requests reached"
+        else:
+            reason = "stop requested"
         self._accepting = False
         assert self._ep is not None
         with contextlib.suppress(OSError):
             self._ep.unregister(self._lfd)
         # Parked connections: one the web server already sent a request on is served (it may
-        # not be retried elsewhere); the others are closed now.
+        # not be retried elsewhere); idle ones are closed now. Pending ones (accepted, their
+        # request not complete yet) stay parked for PENDING_DRAIN: the web server is writing
+        # that request right now, and closing would fail it (a 502 in the middle of a reload).
         idle: list[_Conn] = []
         with self._lock:
             self._stopping = True
             for fd, conn in list(self._watched.items()):
-                if conn.idle:
+                if conn.idle and not (conn.pending and graceful):
                     del self._watched[fd]
-                    self._idle_count -= 1
+                    self._unpark_locked(conn)
                     idle.append(conn)
         for conn in idle:
             try:
@@ -646,29 +877,50 @@ class Server:
                 self._queue(functools.partial(self._pickup, conn))
             else:
                 _close(conn)
-        deadline = time.monotonic() + self.graceful_timeout
+        # After a request timeout the hung call never ends: the others get what any request
+        # may take (request_timeout) at most, so the replacement is not delayed needlessly.
+        grace = self.graceful_timeout
+        if timed_out:
+            grace = min(grace, self.request_timeout)
+        deadline = time.monotonic() + grace
+        pending_until = time.monotonic() + min(PENDING_DRAIN, grace)
         if graceful:
             self.log(f"stopping ({reason}): finishing requests in progress")
             while True:
                 with self._lock:
                     work = self._work
-                if work == 0 or not self._graceful:
+                    pending = self._pending_count
+                now = time.monotonic()
+                if not self._graceful or (work == 0 and (not pending or now >= pending_until)):
                     break
-                left = deadline - time.monotonic()
+                if timed_out:
+                    with self._lock:
+                        if len(self._calls) <= 1 and work <= 1:
+                            break  # only the hung call is left
+                left = deadline - now
                 if left <= 0:
                     self.log(
-                        f"graceful timeout ({self.graceful_timeout:g} s) passed with "
+                        f"graceful timeout ({grace:g} s) passed with "
                         f"{work} connection(s) still busy; leaving them"
                     )
                     break
+                if work == 0:
+                    left = min(left, pending_until - now)
                 ctl.poll(max(1, int(left * 1000) + 1))
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._ctl_fd)
+        with self._lock:  # pending connections whose request never came
+            leftover = [c for c in self._watched.values() if c.idle]
+            for conn in leftover:
+                del self._watched[conn.fd]
+                self._unpark_locked(conn)
+        for conn in leftover:
+            _close(conn)
         os.eventfd_write(self._stop_fd, 1)
         join_until = time.monotonic() + (1.0 if graceful else 0.0)
         for t in self._pool:
             t.join(max(0.0, join_until - time.monotonic()))
-        return 0
+        return self._exit_code
 
     def _max_reached(self) -> bool:
         return bool(self.max_requests) and self._served >= self.max_requests
@@ -705,8 +957,13 @@ class Server:
                 except BlockingIOError:
                     try_accept = False
                 except OSError as exc:
+                    # Retry through the epoll: the listener's one-shot event lets exactly one
+                    # thread at a time back off and retry (see _accept_failed).
+                    try_accept = False
                     self._accept_failed(exc)
                 else:
+                    if self._accept_down_since is not None:
+                        self._accept_recovered()
                     try:
                         serve_new(fd, addr)
                     except BaseException as exc:
@@ -734,6 +991,8 @@ class Server:
                             ep.modify(lfd, _EP_IN)
                     if got is not None:
                         try_accept = True
+                        if self._accept_down_since is not None:
+                            self._accept_recovered()
                         try:
                             serve_new(got[0], got[1])
                         except BaseException as exc:
@@ -751,10 +1010,17 @@ class Server:
                     with self._lock:
                         conn = self._watched.pop(fd, None)
                         idle = conn is not None and conn.idle
-                        if conn is not None and idle:
-                            conn.idle = False
-                            self._idle_count -= 1
-                            self._work += 1
+                        if conn is not None:
+                            if idle:
+                                conn.idle = False
+                                self._unpark_locked(conn)
+                                self._work += 1
+                            else:
+                                # Counted as a user while still under _lock: _leave_shared
+                                # decides "last one out" under the same lock, so it can never
+                                # release (park or close) a connection this thread now reads.
+                                with conn.lock:
+                                    conn.users += 1
                     if conn is None:
                         continue
                     try:
@@ -776,11 +1042,61 @@ class Server:
             self._internal_error(exc)
 
     def _accept_failed(self, exc: OSError) -> None:
-        """EMFILE/ENFILE/ENOBUFS: log and back off briefly instead of spinning on the listener."""
-        if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-            return
-        self.log(f"accept() failed: {exc}")
-        time.sleep(0.1)
+        """EMFILE/ENFILE/ENOBUFS/ENOMEM: back off instead of spinning on the listener.
+
+        The pending connection stays in the backlog and the listener stays readable, so an
+        immediate retry would spin. The thread that got the listener's event sleeps
+        ACCEPT_BACKOFF before re-arming it (the caller re-arms after we return): one thread
+        retries at a time, ten times a second, while the others keep serving parked and
+        running connections -- which is what frees fds. Logged when the outage starts and
+        then once per ACCEPT_LOG_EVERY, not per retry.
+        """
+        if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM):
+            return  # that one connection is gone (or refused by a firewall): nothing to wait for
+        now = time.monotonic()
+        with self._lock:
+            self._accept_failures += 1
+            if self._accept_down_since is None:
+                self._accept_down_since = now
+            # Rate-limited across outages too: fds hovering at the limit make accept() flap.
+            due = now - self._accept_logged_at >= ACCEPT_LOG_EVERY or not self._accept_logged_at
+            if due:
+                self._accept_logged_at = now
+            failures = self._accept_failures
+        if due:
+            what = (
+                "out of file descriptors"
+                if exc.errno in (errno.EMFILE, errno.ENFILE)
+                else "out of resources"
+            )
+            hint = ""
+            if exc.errno == errno.EMFILE:
+                soft, _hard = _nofile_limit()
+                hint = f" (RLIMIT_NOFILE {soft})"
+            self.log(
+                f"accept() failed: {exc.strerror or exc}{hint}: {what}; retrying every "
+                f"{ACCEPT_BACKOFF:g} s ({failures} failure(s) so far), new connections wait "
+                "in the listen backlog"
+            )
+        # Unknown errors back off too: a persistent one must not become a busy loop.
+        time.sleep(ACCEPT_BACKOFF)
+
+    def _accept_recovered(self) -> None:
+        """accept() worked after failing: log it, unless the outage was a blip shorter than
+        one backoff (then its failures are reported with the next real recovery)."""
+        now = time.monotonic()
+        with self._lock:
+            since = self._accept_down_since
+            failures = self._accept_failures
+            self._accept_down_since = None
+            if since is None or now - since < ACCEPT_BACKOFF:
+                return
+            self._accept_failures = 0
+        if since is not None:
+            self.log(
+                f"accept() works again after {time.monotonic() - since:.2f} s "
+                f"({failures} failed attempt(s))"
+            )
 
     def _queue(self, task: Callable[[], None]) -> None:
         self._tasks.append(task)
@@ -792,33 +1108,76 @@ class Server:
         conn.served = 0
         close = conn.dead or conn.proto.should_close or conn.stdin_incomplete
         wake_main = False
+        evicted: _Conn | None = None
         with self._lock:
             self._work -= 1
             self._served += nserved
             work = self._work
             stopping = self._stopping
-            if not close and (stopping or self._idle_count >= MAX_IDLE_CONNS):
+            pending = bool(conn.reqs) or conn.fresh
+            if not close and stopping and not pending:
                 close = True
+            if not close and not pending and self._idle_count >= MAX_IDLE_CONNS:
+                close = True
+            if not close and pending and self._pending_count >= MAX_PENDING_CONNS:
+                # A flood of silent connections must not lock new peers out: the oldest
+                # pending one makes room (a web server's request arrives within
+                # microseconds of its connect, so only silent peers grow old here).
+                evicted = self._evict_pending_locked()
+                close = evicted is None
             if not close:
                 conn.idle = True
-                conn.idle_since = time.monotonic()
-                self._idle_count += 1
+                # A connection owing (the rest of) a request gets io_timeout, a kept-open one
+                # between requests idle_timeout. The deadline moves only when a record was
+                # completed since the last park: bytes that complete nothing (a slowloris
+                # trickle) do not buy time.
+                if conn.progress or not conn.deadline:
+                    limit = self.io_timeout if pending else self.idle_timeout
+                    conn.deadline = time.monotonic() + limit
+                    conn.progress = False
+                conn.pending = pending
+                if pending:
+                    self._pending_count += 1
+                else:
+                    self._idle_count += 1
                 if self._watch_locked(conn):
-                    wake_main = self._main_sleeping
-                    self._main_sleeping = False
+                    if conn.deadline < self._main_wake_at:
+                        self._main_wake_at = conn.deadline
+                        wake_main = True
                 else:
                     close = True
             max_hit = self.max_requests and self._served >= self.max_requests
             if close and self._watched.get(conn.fd) is conn:
                 del self._watched[conn.fd]  # armed while shared; the close unregisters it
+        if evicted is not None:
+            _close(evicted)
         if close:
             _close(conn)
         elif wake_main:  # the coordinator sleeps without a deadline: give it this one
             self._wake_main()
         if max_hit and not self._stop_requested:
             self.stop(graceful=True)
-        if stopping and work == 0:
+        if stopping and (work == 0 or self._exit_code):
             self._wake_main()
+
+    def _unpark_locked(self, conn: _Conn) -> None:
+        """Count a parked connection out of its pool (caller holds ``_lock``)."""
+        if conn.pending:
+            self._pending_count -= 1
+        else:
+            self._idle_count -= 1
+
+    def _evict_pending_locked(self) -> _Conn | None:
+        """Unpark the pending connection parked longest (caller holds ``_lock``)."""
+        victim: _Conn | None = None
+        for c in self._watched.values():
+            if c.idle and c.pending and (victim is None or c.deadline < victim.deadline):
+                victim = c
+        if victim is not None:
+            del self._watched[victim.fd]
+            victim.idle = False
+            self._unpark_locked(victim)
+        return victim
 
     def _watch(self, conn: _Conn) -> None:
         with self._lock:
@@ -846,7 +1205,7 @@ class Server:
             conn.dead = True
             if conn.idle:
                 conn.idle = False
-                self._idle_count -= 1
+                self._unpark_locked(conn)
             return False
         self._watched[conn.fd] = conn
         return True
@@ -859,15 +1218,13 @@ class Server:
             os.close(fd)
             return
         conn = _Conn(fd, self.limits, self._family)
-        if self._timeval is not None:
-            sock = conn.sock
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._timeval)
         with self._lock:
             self._work += 1
         try:
-            self._read(conn, blocking=True)
-            self._drive(conn)
+            # Non-blocking: under load the request is already there (one read); a peer that
+            # connected but has not written yet is parked by _leave, not waited for.
+            if self._read(conn, wait=False):
+                self._drive(conn)
         finally:
             self._leave(conn)
 
@@ -879,24 +1236,37 @@ class Server:
         conn.users = 1
         conn.shared = False
         try:
-            if self._read(conn, blocking=False):
+            if self._read(conn, wait=False):
                 self._drive(conn)
         finally:
             self._leave(conn)
 
-    def _read(self, conn: _Conn, *, blocking: bool) -> bool:
+    def _read(self, conn: _Conn, *, wait: bool) -> bool:
         """Read once (the caller holds the read token or owns the connection) and dispatch.
 
-        Returns False if nothing was read (EAGAIN on a non-blocking read); EOF, errors and
-        protocol violations mark the connection dead and abort its requests.
+        ``wait``: a running request needs this input, so wait for it (poll, at most
+        io_timeout, then the connection is closed and logged). Otherwise returns False at
+        once if nothing is there. EOF, errors and protocol violations mark the connection
+        dead and abort its requests.
         """
         try:
-            data = conn.recv(blocking)
+            data = conn.recv()
         except BlockingIOError:
-            if blocking:  # SO_RCVTIMEO expired: the peer stalled mid-request
-                self.log("request timeout: the web server sent nothing in time; closing")
+            if not wait:
+                return False
+            if not _wait_fd(conn.fd, _POLLIN, self.io_timeout):
+                self.log(
+                    f"I/O timeout: the web server sent no request input for "
+                    f"{self.io_timeout:g} s; closing the connection"
+                )
                 self._kill(conn)
-            return False
+                return True
+            try:
+                data = conn.recv()
+            except BlockingIOError:  # spurious wakeup: the caller asks again
+                return True
+            except OSError:
+                data = b""
         except OSError:
             data = b""
         if not data:
@@ -916,12 +1286,15 @@ class Server:
             self._kill(conn)
             return True
         if out:
+            conn.progress = True
             try:
-                conn.write([out])
+                conn.write([out], self.io_timeout)
             except OSError:
                 self._kill(conn)
                 return True
         if events:
+            conn.progress = True
+            conn.fresh = False
             self._dispatch(conn, events)
         return True
 
@@ -1014,9 +1387,10 @@ class Server:
             if conn.reqs:
                 if conn.shared:
                     return
-                # A request was begun but its PARAMS are incomplete: the web server is sending
-                # it right now, so wait for the rest (bounded by request_timeout).
-                self._read(conn, blocking=True)
+                # A request was begun but its PARAMS are incomplete: read what is there; if
+                # nothing is, park (io_timeout) rather than hold a thread for a slow peer.
+                if not self._read(conn, wait=False):
+                    return
                 continue
             return
 
@@ -1055,24 +1429,33 @@ class Server:
         """One actor is done with a shared connection. The last one out releases it (park or
         close) unless a request is still arriving; otherwise the epoll watches it, so input
         for requests whose thread is not reading (and new BEGIN_REQUESTs) gets read."""
-        with conn.lock:
-            conn.users -= 1
-            last = conn.users == 0
-            busy = bool(conn.reqs)
-        if last and (conn.dead or not busy):
+        # Everything under the lock epoll wakers pop under (see _worker). Two races made two
+        # threads read one socket (records parsed out of order, "unsupported FastCGI version"):
+        # a waker picking the connection up as shared after the last user released it, and a
+        # non-last leaver arming it after the last one had parked it and a third thread had
+        # picked it up as its sole owner.
+        with self._lock:
+            with conn.lock:
+                conn.users -= 1
+                last = conn.users == 0
+            if last:
+                if self._watched.get(conn.fd) is conn:
+                    del self._watched[conn.fd]
+            elif arm and not conn.dead:
+                self._watch_locked(conn)
+        if last:
+            # Nobody works on it: requests still in conn.reqs have incomplete PARAMS (a
+            # runnable one would hold a user), so it parks with io_timeout like any other
+            # connection owing a request, and whoever picks it up reads it as sole owner.
             self._release(conn)
-        elif arm and not conn.dead:
-            self._watch(conn)
 
     def _shared_event(self, conn: _Conn) -> None:
         """An epoll-woken thread reads a shared connection (its requests run elsewhere)."""
-        with conn.lock:
-            conn.users += 1
         got = conn.rlock.acquire(blocking=False)
         try:
             if got:
                 try:
-                    self._read(conn, blocking=False)
+                    self._read(conn, wait=False)
                 finally:
                     conn.rlock.release()
                 if conn.runnable:
@@ -1091,13 +1474,13 @@ class Server:
         if conn.dead:
             return False
         if not conn.shared:
-            self._read(conn, blocking=True)
+            self._read(conn, wait=True)
             if conn.runnable:  # a second request arrived while this one runs
                 self._hand_off(conn)
             return not conn.dead
         if conn.rlock.acquire(blocking=False):
             try:
-                self._read(conn, blocking=True)
+                self._read(conn, wait=True)
             finally:
                 conn.rlock.release()
             if conn.runnable:
@@ -1151,7 +1534,14 @@ class Server:
                     environ["fcgi.role"] = _ROLE_NAMES[req.role]
                     if req.role is Role.FILTER:
                         environ["fcgi.data"] = InputStream(req.read_data)
-                status = run_app(req.call_app, environ, req.send, log=self.log)
+                if self.request_timeout:
+                    key = self._call_started(params)
+                    try:
+                        status = run_app(req.call_app, environ, req.send, log=self.log)
+                    finally:
+                        self._call_ended(key)
+                else:
+                    status = run_app(req.call_app, environ, req.send, log=self.log)
             except BaseException as exc:
                 # run_app handles Exception itself; what gets here is SystemExit (an app
                 # calling sys.exit()) or a bug. The response state is unknown: drop the
@@ -1210,9 +1600,19 @@ class Server:
             return
         req.pending = []
         try:
-            conn.write(out)  # type: ignore[arg-type]
+            conn.write(out, self.io_timeout)  # type: ignore[arg-type]
         except OSError:
             self._kill(conn)
+
+
+def _nofile_limit() -> tuple[int, int]:
+    """RLIMIT_NOFILE (soft, hard), for messages; (-1, -1) where unavailable."""
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return -1, -1
 
 
 def _close(conn: _Conn) -> None:

@@ -503,8 +503,8 @@ def test_web_server_addrs_do_not_filter_unix_peers(start: Start) -> None:
     assert run.client().request(_get("/hello")).status == 200
 
 
-def test_request_timeout_drops_a_stalled_peer(start: Start) -> None:
-    run = start(threads=1, request_timeout=0.3)
+def test_io_timeout_drops_a_stalled_peer(start: Start) -> None:
+    run = start(threads=1, io_timeout=0.3)
     assert isinstance(run.address, str)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(5)
@@ -673,13 +673,18 @@ def test_small_list_response_is_one_write(start: Start, monkeypatch: pytest.Monk
     import os
 
     calls: list[int] = []
-    real = os.writev
+    real_writev, real_pwritev = os.writev, os.pwritev
 
     def counting(fd: int, bufs: Any) -> int:
         calls.append(fd)
-        return real(fd, bufs)
+        return real_writev(fd, bufs)
+
+    def counting_p(fd: int, bufs: Any, offset: int, flags: int = 0) -> int:
+        calls.append(fd)
+        return real_pwritev(fd, bufs, offset, flags)
 
     monkeypatch.setattr(os, "writev", counting)
+    monkeypatch.setattr(os, "pwritev", counting_p)
     run = start(threads=1)
     assert run.client().request(_get("/hello")).body == b"Hello, World!"
     assert len(calls) == 1
