@@ -1147,6 +1147,13 @@ class Server:
                 else:
                     close = True
             max_hit = self.max_requests and self._served >= self.max_requests
+            if max_hit and self._accepting:
+                # Stop taking connections now, not when the coordinator gets the GIL: the
+                # pool threads would otherwise accept (and serve) well past the limit.
+                self._accepting = False
+                if self._ep is not None:
+                    with contextlib.suppress(OSError):
+                        self._ep.unregister(self._lfd)
             if close and self._watched.get(conn.fd) is conn:
                 del self._watched[conn.fd]  # armed while shared; the close unregisters it
         if evicted is not None:
