@@ -263,7 +263,7 @@ def _options(params: dict[str, Any]) -> Options:
     default=0.0,
     show_default=True,
     metavar="SECONDS",
-    help="End a --wsgi worker whose request runs longer (0: no limit).",
+    help="End a --wsgi worker (exit 124, replaced) whose app call runs longer (0: no limit).",
 )
 @click.option(
     "--web-server-addrs",

@@ -271,7 +271,9 @@ def next_backoff(delay: float, policy: Policy) -> float:
 def describe_exit(status: int) -> str:
     """``exit status 3`` / ``killed by signal SIGKILL`` (+ core dump), for logs and errors."""
     if os.WIFEXITED(status):
-        return f"exit status {os.WEXITSTATUS(status)}"
+        code = os.WEXITSTATUS(status)
+        # 124 is the runtime's --request-timeout exit (timeout(1)'s convention): say so.
+        return f"exit status {code}" + (" (request timeout)" if code == 124 else "")
     if os.WIFSIGNALED(status):
         num = os.WTERMSIG(status)
         try:
