@@ -36,7 +36,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import Final, TypeVar
 
 __all__ = [
     "FCGI_HEADER_LEN",
@@ -66,6 +66,7 @@ __all__ = [
     "StdoutData",
     "UnknownType",
     "decode_pairs",
+    "decode_pairs_latin1",
     "encode_abort_request",
     "encode_begin_request",
     "encode_get_values",
@@ -161,12 +162,72 @@ class BeginRequest:
     keep_conn: bool
 
 
-@dataclass(frozen=True, slots=True)
 class Params:
-    """The whole PARAMS stream, decoded once when its empty record arrives (last name wins)."""
+    """The whole PARAMS stream, decoded once when its empty record arrives (last name wins).
 
-    request_id: int
-    params: dict[bytes, bytes]
+    Not a dataclass, unlike the other events, for speed. A ``ServerConnection(...,
+    latin1_params=True)`` decodes the block in ONE pass straight to latin-1 ``str`` names and
+    values (what a WSGI environ holds): ``take_latin1()`` hands that dict over without a copy
+    (``wsgi.build_environ_latin1`` turns it into the environ in place) and the ``bytes`` mapping
+    ``params`` is only built if someone asks for it. Otherwise the block is decoded to ``bytes``
+    as before and ``take_latin1()`` decodes those. Either way both views are right; only the
+    cost differs. Treat it as immutable, like the other events; equality compares
+    ``request_id`` and ``params``.
+
+    ``Params(rid, params)`` wraps a mapping; ``Params(rid, block=b"...")`` decodes (and checks:
+    ProtocolError) a raw name-value block, as the parser does.
+    """
+
+    __slots__ = ("_block", "_latin1", "_params", "request_id")
+    _latin1: dict[str, str] | None
+    __match_args__ = ("request_id", "params")
+
+    def __init__(
+        self, request_id: int, params: dict[bytes, bytes] | None = None, *, block: bytes = b""
+    ) -> None:
+        self.request_id = request_id
+        self._params = params
+        self._block = block
+        self._latin1 = None if params is not None else decode_pairs_latin1(block)
+
+    @property
+    def params(self) -> dict[bytes, bytes]:
+        """Names and values as bytes, exactly as they came (built on first use, then cached)."""
+        p = self._params
+        if p is None:
+            latin1 = self._latin1
+            if latin1 is not None:  # not handed over yet: encode it back (cheaper than a walk)
+                p = {k.encode("latin-1"): v.encode("latin-1") for k, v in latin1.items()}
+            elif not self._block:  # a Params(rid) made without pairs
+                p = {}
+            else:
+                p = decode_pairs(self._block)
+            self._params = p
+        return p
+
+    def take_latin1(self) -> dict[str, str]:
+        """Names and values latin-1 decoded, as a dict the caller owns and may modify.
+
+        The first call returns the dict built when the PARAMS arrived (no copy); the caller
+        may turn it into a WSGI environ in place. Later calls return a fresh dict.
+        """
+        latin1 = self._latin1
+        if latin1 is not None:
+            self._latin1 = None
+            return latin1
+        if self._params is None:
+            return decode_pairs_latin1(self._block)
+        return {k.decode("latin-1"): v.decode("latin-1") for k, v in self._params.items()}
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Params:
+            return NotImplemented
+        return self.request_id == other.request_id and self.params == other.params
+
+    __hash__ = None  # type: ignore[assignment]  # mutable mapping inside, as with the dataclass
+
+    def __repr__(self) -> str:
+        return f"Params(request_id={self.request_id!r}, params={self.params!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,51 +336,82 @@ _UNKNOWN_TYPE: Final = 11
 _ROLES: Final = {int(r): r for r in Role}
 _PSTATUS: Final = {int(s): s for s in ProtocolStatus}
 _MAX_PAIR_LEN: Final = 0x7FFFFFFF
+_T = TypeVar("_T", bytes, str)
 
 
 # ---------------------------------------------------------------------------------------------
 # Name-value pairs (spec §3.4)
 
 
+def _walk_pairs(data: bytes, text: _T) -> dict[_T, _T]:
+    """Decode a complete name-value block into ``text`` slices: ``text`` is ``data`` itself
+    (bytes out) or its latin-1 decoding (str out; latin-1 maps byte i to code point i, so the
+    offsets are the same). A later duplicate name wins, as in a CGI environ.
+
+    The common pair (both lengths < 128) costs two index reads, one test and two slices; the
+    bounds are checked once, after the loop: slicing never reads past the end (it clips), so a
+    pair that runs past the end leaves ``i > n`` and raises then, and a claimed 2 GiB length
+    costs nothing. A length byte missing at the end is an IndexError, turned into ProtocolError.
+    """
+    n = len(data)
+    i = 0
+    out: dict[_T, _T] = {}
+    try:
+        while i < n:
+            nlen = data[i]
+            vlen = data[i + 1]
+            if nlen < 0x80 and vlen < 0x80:
+                mid = i + 2 + nlen
+                end = mid + vlen
+                out[text[i + 2 : mid]] = text[mid:end]
+                i = end
+                continue
+            # A 4-byte length (the spec's "B3 & 0x7f" form; 4-byte forms of short lengths too).
+            if nlen & 0x80:
+                if i + 4 > n:
+                    raise ProtocolError("name-value pair: truncated 4-byte name length")
+                nlen = _U32.unpack_from(data, i)[0] & 0x7FFFFFFF
+                i += 4
+            else:
+                i += 1
+            vlen = data[i]
+            if vlen & 0x80:
+                if i + 4 > n:
+                    raise ProtocolError("name-value pair: truncated 4-byte value length")
+                vlen = _U32.unpack_from(data, i)[0] & 0x7FFFFFFF
+                i += 4
+            else:
+                i += 1
+            mid = i + nlen
+            end = mid + vlen
+            if end > n:
+                raise ProtocolError(
+                    f"name-value pair: lengths {nlen}+{vlen} exceed the {n - i} bytes left"
+                )
+            out[text[i:mid]] = text[mid:end]
+            i = end
+    except IndexError:
+        raise ProtocolError("name-value pair: value length missing") from None
+    if i != n:
+        raise ProtocolError(f"name-value pair: a name or value runs {i - n} bytes past the end")
+    return out
+
+
 def decode_pairs(block: bytes | bytearray | memoryview) -> dict[bytes, bytes]:
     """Decode a complete name-value block; a later duplicate name wins, as in a CGI environ.
 
-    Every length is checked against what is left before anything is sliced, so a claimed 2 GiB
-    length costs nothing: it raises ProtocolError without allocating.
+    A claimed 2 GiB length costs nothing: slices stop at the end of the block, and the pair
+    that runs past it raises ProtocolError.
     """
     data = block if type(block) is bytes else bytes(block)
-    n = len(data)
-    i = 0
-    out: dict[bytes, bytes] = {}
-    unpack = _U32.unpack_from
-    while i < n:
-        nlen = data[i]
-        if nlen & 0x80:
-            if i + 4 > n:
-                raise ProtocolError("name-value pair: truncated 4-byte name length")
-            nlen = unpack(data, i)[0] & 0x7FFFFFFF
-            i += 4
-        else:
-            i += 1
-        if i >= n:
-            raise ProtocolError("name-value pair: value length missing")
-        vlen = data[i]
-        if vlen & 0x80:
-            if i + 4 > n:
-                raise ProtocolError("name-value pair: truncated 4-byte value length")
-            vlen = unpack(data, i)[0] & 0x7FFFFFFF
-            i += 4
-        else:
-            i += 1
-        mid = i + nlen
-        end = mid + vlen
-        if end > n:
-            raise ProtocolError(
-                f"name-value pair: lengths {nlen}+{vlen} exceed the {n - i} bytes left"
-            )
-        out[data[i:mid]] = data[mid:end]
-        i = end
-    return out
+    return _walk_pairs(data, data)
+
+
+def decode_pairs_latin1(block: bytes | bytearray | memoryview) -> dict[str, str]:
+    """decode_pairs() with every name and value latin-1 decoded (PEP 3333 native strings), in
+    one pass: the block is decoded once and sliced, no bytes dict in between."""
+    data = block if type(block) is bytes else bytes(block)
+    return _walk_pairs(data, data.decode("latin-1"))
 
 
 def _pair_len(n: int) -> bytes:
@@ -408,27 +500,31 @@ def encode_request(
     return out
 
 
-def _nbytes(buf: Buffer) -> int:
-    return buf.nbytes if type(buf) is memoryview else len(buf)
-
-
 def _frame_into(out: list[Buffer], rtype: int, request_id: int, buffers: Iterable[Buffer]) -> int:
     """Append records holding ``buffers`` (headers + the caller's buffers or slices of them).
 
     Returns the padding the last record still needs, so the caller can merge it with what
     follows (the response tail) instead of sending a separate 1..7-byte buffer.
     """
-    bufs = buffers if isinstance(buffers, list | tuple) else list(buffers)
+    t = type(buffers)
+    bufs = buffers if t is list or t is tuple else list(buffers)
     total = 0
+    empty = False
     for b in bufs:
-        total += _nbytes(b)
+        n = b.nbytes if type(b) is memoryview else len(b)
+        total += n
+        if not n:
+            empty = True
     if total == 0:
         return 0
     pack = _HEADER.pack
     if total <= STDOUT_CHUNK:
         pad = -total & 7
         out.append(pack(FCGI_VERSION_1, rtype, request_id, total, pad))
-        out.extend(b for b in bufs if b)
+        if empty:
+            out.extend([b for b in bufs if b])
+        else:
+            out += bufs
         return pad
     remaining = total
     room = 0
@@ -466,6 +562,11 @@ def _end_tail(pad: int, request_id: int, app_status: int, status: int, stderr_us
     )  # fmt: skip
 
 
+#: The tail of a complete request with id 1 and app status 0 (every request from nginx, lighttpd
+#: and Apache that went well), for each padding the last STDOUT record needs.
+_TAIL_1_OK: Final = tuple(_end_tail(pad, 1, 0, 0, False) for pad in range(8))
+
+
 def encode_response(
     request_id: int,
     body: Iterable[Buffer],
@@ -487,6 +588,29 @@ def encode_response(
 
 # ---------------------------------------------------------------------------------------------
 # Application side
+
+
+# Events are immutable, so the ones every nginx request produces are made once: the empty STDIN
+# and the BEGIN_REQUEST of request ids 1-8 (nginx, lighttpd and Apache always use id 1).
+_STDIN_END: Final = {rid: Stdin(rid, b"") for rid in range(1, 9)}
+_BEGIN_EVENTS: Final = {
+    (rid, int(role), keep): BeginRequest(rid, role, keep)
+    for rid in range(1, 9)
+    for role in Role
+    for keep in (False, True)
+}
+
+
+# The whole-request fast path: BEGIN_REQUEST record + the next record's header in one unpack,
+# and the empty PARAMS + empty STDIN records that must end the buffer, per request id.
+_WHOLE_HEAD: Final = struct.Struct("!BBHHBxHB5xBBHHBx")
+_NOT_WHOLE: Final = (0,) * 12
+_new_params: Final = object.__new__  # Params without __init__'s keyword call, for the fast path
+_WHOLE_TAIL: Final = {
+    rid: _HEADER.pack(FCGI_VERSION_1, _PARAMS, rid, 0, 0)
+    + _HEADER.pack(FCGI_VERSION_1, _STDIN, rid, 0, 0)
+    for rid in range(1, 9)
+}
 
 
 class _Request:
@@ -576,20 +700,34 @@ class ServerConnection(_Reader):
     under one lock anyway). After a ProtocolError the connection is dead: close it.
     """
 
-    __slots__ = ("_active_elsewhere", "_limits", "_pending", "_requests", "_should_close")
+    __slots__ = (
+        "_active_elsewhere",
+        "_latin1_params",
+        "_limits",
+        "_pending",
+        "_requests",
+        "_should_close",
+    )
 
     def __init__(
         self,
         limits: Limits = Limits(),  # frozen, so one shared default is safe
         *,
         active_elsewhere: Callable[[], int] | None = None,
+        latin1_params: bool = False,
     ) -> None:
         """``active_elsewhere()`` returns how many requests are active on the server's OTHER
         connections; with it, a BEGIN_REQUEST that would take the server past
-        ``limits.max_reqs`` is answered OVERLOADED."""
-        super().__init__()
+        ``limits.max_reqs`` is answered OVERLOADED.
+
+        ``latin1_params``: decode PARAMS straight to latin-1 ``str`` (for a WSGI server that
+        calls ``Params.take_latin1()``; see :class:`Params`)."""
+        self._buf = bytearray()  # _Reader's state, set here: one call less per connection
+        self._pos = 0
+        self._failed = False
         self._limits = limits
         self._active_elsewhere = active_elsewhere
+        self._latin1_params = latin1_params
         self._requests: dict[int, _Request] = {}
         self._pending = bytearray()
         self._should_close = False
@@ -602,6 +740,29 @@ class ServerConnection(_Reader):
         ``data`` is not referenced after the call returns (a recv_into buffer may be reused).
         """
         events: list[Event] = []
+        t = type(data)
+        if (
+            (t is bytes or (t is memoryview and data.format == "B" and data.ndim == 1))  # type: ignore[union-attr]
+            and not self._requests
+            and not self._buf
+            and not self._failed
+        ):
+            try:
+                if self._parse_whole_request(data, events):  # type: ignore[arg-type]
+                    return events
+            except ProtocolError:
+                self._failed = True
+                raise
+            except (
+                ValueError,
+                TypeError,
+                OverflowError,
+                IndexError,
+                KeyError,
+                struct.error,
+            ) as exc:
+                self._failed = True  # as in _feed: malformed input raises ProtocolError only
+                raise ProtocolError(f"malformed input: {exc}") from exc
         self._feed(data, events)  # type: ignore[arg-type]
         return events
 
@@ -648,7 +809,7 @@ class ServerConnection(_Reader):
                 else:
                     req.params = None
                     block = parts[0] if len(parts) == 1 else b"".join(parts)
-                    append(Params(rid, decode_pairs(block)))
+                    append(self._params_event(rid, block))
             elif rtype == _STDIN:
                 if req.params is not None:
                     # Spec §6.2: a responder receives PARAMS, then STDIN. Every real server
@@ -657,9 +818,11 @@ class ServerConnection(_Reader):
                     raise ProtocolError(f"request {rid}: STDIN before the end of PARAMS")
                 if not req.stdin_open:
                     raise ProtocolError(f"request {rid}: STDIN after the end of STDIN")
-                if not clen:
+                if clen:
+                    append(Stdin(rid, bytes(view[start:stop])))
+                else:
                     req.stdin_open = False
-                append(Stdin(rid, bytes(view[start:stop])))
+                    append(_STDIN_END.get(rid) or Stdin(rid, b""))
             elif rtype == _DATA:
                 if req.role != Role.FILTER:
                     raise ProtocolError(f"request {rid}: FCGI_DATA for a non-FILTER request")
@@ -682,6 +845,69 @@ class ServerConnection(_Reader):
                 raise ProtocolError(f"request {rid}: unexpected record type {rtype}")
         return pos
 
+    def _parse_whole_request(self, data: bytes | memoryview, events: list[object]) -> bool:
+        """The shape of (almost) every request from a web server, in one read: BEGIN_REQUEST,
+        ONE PARAMS record, the empty PARAMS and the empty STDIN, nothing else. Checked with one
+        unpack and one endswith() instead of four trips through the record loop; the events,
+        state and errors are exactly the loop's (False: not this shape, use the loop).
+        """
+        (
+            version, rtype, rid, clen, plen, role_value, flags,
+            pversion, ptype, prid, pclen, pplen,
+        ) = _WHOLE_HEAD.unpack_from(data) if (end := len(data)) >= 40 else _NOT_WHOLE  # fmt: skip
+        stop = 24 + pclen
+        tail = _WHOLE_TAIL.get(rid)
+        if (
+            tail is None
+            or version != FCGI_VERSION_1
+            or rtype != _BEGIN
+            or clen != 8
+            or plen
+            or pversion != FCGI_VERSION_1
+            or ptype != _PARAMS
+            or prid != rid
+            or not pclen
+            or stop + pplen + 16 != end
+            or data[end - 16 :] != tail
+        ):
+            return False
+        append = events.append
+        keep_conn = flags & FCGI_KEEP_CONN == FCGI_KEEP_CONN
+        limits = self._limits
+        role = _ROLES.get(role_value)
+        if role is None or limits.max_requests_per_conn < 1 or self._active_elsewhere is not None:
+            # _begin() decides (no request is active here, so only these can reject)
+            self._begin(rid, role_value, keep_conn, append)
+            req = self._requests.get(rid)
+            if req is None:  # rejected: its other records are ignored (spec §3.3)
+                return True
+        else:
+            req = self._requests[rid] = _Request(role, keep_conn)
+            append(
+                _BEGIN_EVENTS.get((rid, role_value, keep_conn))
+                or BeginRequest(rid, role, keep_conn)
+            )
+        if pclen > limits.max_params_bytes:
+            raise ProtocolError(f"request {rid}: PARAMS exceed {limits.max_params_bytes} bytes")
+        req.params = None
+        req.stdin_open = False
+        append(self._params_event(rid, bytes(data[24:stop])))
+        append(_STDIN_END[rid])
+        return True
+
+    def _params_event(self, rid: int, block: bytes) -> Params:
+        """Params for a complete block, decoded (and checked) once, to str or to bytes."""
+        ev = _new_params(Params)
+        ev.request_id = rid
+        ev._block = block
+        if self._latin1_params:
+            ev._params = None
+            ev._latin1 = _walk_pairs(block, block.decode("latin-1"))
+        else:
+            ev._params = _walk_pairs(block, block)
+            ev._latin1 = None
+        return ev
+
     def _begin(
         self, rid: int, role_value: int, keep_conn: bool, append: Callable[[BeginRequest], None]
     ) -> None:
@@ -699,7 +925,10 @@ class ServerConnection(_Reader):
             self._reject(rid, ProtocolStatus.OVERLOADED, keep_conn)
         else:
             requests[rid] = _Request(role, keep_conn)
-            append(BeginRequest(rid, role, keep_conn))
+            append(
+                _BEGIN_EVENTS.get((rid, role_value, keep_conn))
+                or BeginRequest(rid, role, keep_conn)
+            )
 
     def _reject(self, rid: int, status: ProtocolStatus, keep_conn: bool) -> None:
         self._pending += _HEADER.pack(FCGI_VERSION_1, _END, rid, 8, 0)
@@ -799,7 +1028,10 @@ class ServerConnection(_Reader):
             self._should_close = True
         out: list[Buffer] = []
         pad = _frame_into(out, _STDOUT, request_id, body)
-        out.append(_end_tail(pad, request_id, app_status, 0, req.stderr_used))
+        if request_id == 1 and not app_status and not req.stderr_used:
+            out.append(_TAIL_1_OK[pad])  # what every nginx request ends with
+        else:
+            out.append(_end_tail(pad, request_id, app_status, 0, req.stderr_used))
         return out
 
     def keep_conn(self, request_id: int) -> bool:

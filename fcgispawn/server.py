@@ -103,7 +103,7 @@ from fcgispawn.wsgi import (
     FileWrapper,
     InputStream,
     WSGIApplication,
-    build_environ,
+    build_environ_latin1,
     run_app,
 )
 
@@ -304,7 +304,7 @@ class _Req:
         self.rid = rid
         self.role = role
         self.keep_conn = keep_conn
-        self.params: dict[bytes, bytes] | None = None
+        self.params: Params | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.queued = 0
         self.stdin_done = False
@@ -436,7 +436,7 @@ class _Conn:
         self.fd = fd
         self.family = family
         self._sock: socket.socket | None = None
-        self.proto = ServerConnection(limits)
+        self.proto = ServerConnection(limits, latin1_params=True)
         self.reqs: dict[int, _Req] = {}
         self.runnable: collections.deque[_Req] = collections.deque()
         self.users = 1
@@ -670,7 +670,7 @@ class Server:
         self._main_wake_at = float("inf")
         #: App calls in flight (only with request_timeout): key -> (start, params), in start
         #: order, so the first one is the oldest.
-        self._calls: dict[int, tuple[float, dict[bytes, bytes]]] = {}
+        self._calls: dict[int, tuple[float, Params]] = {}
         self._call_seq = 0
         self._exit_code = 0
         self._accept_down_since: float | None = None
@@ -769,7 +769,7 @@ class Server:
         horizon = now + 0.05
         expired: list[_Conn] = []
         next_deadline = float("inf")
-        hung: tuple[float, dict[bytes, bytes]] | None = None
+        hung: tuple[float, Params] | None = None
         with self._lock:
             for fd, conn in list(self._watched.items()):
                 if not conn.idle:
@@ -800,9 +800,10 @@ class Server:
             self._request_overrun(now, *hung)
         return None if next_deadline == float("inf") else next_deadline - now
 
-    def _request_overrun(self, now: float, started: float, params: dict[bytes, bytes]) -> None:
+    def _request_overrun(self, now: float, started: float, event: Params) -> None:
         """An app call overran request_timeout: say which one, then stop with the exit status
         that makes runtime.py end this process (the hung thread cannot be stopped otherwise)."""
+        params = event.params  # decoded from the PARAMS block only now, off the hot path
         method = params.get(b"REQUEST_METHOD", b"").decode("latin-1") or "request"
         uri = params.get(b"REQUEST_URI")
         if uri is None:
@@ -818,7 +819,7 @@ class Server:
         self._exit_code = EXIT_REQUEST_TIMEOUT
         self.stop(graceful=True)
 
-    def _call_started(self, params: dict[bytes, bytes]) -> int:
+    def _call_started(self, params: Params) -> int:
         """Register an app call for the request_timeout watchdog; wakes the coordinator only if
         its timer would otherwise fire too late (the first call after an idle spell)."""
         now = time.monotonic()
@@ -1323,7 +1324,7 @@ class Server:
             elif t is Params:
                 req = reqs.get(ev.request_id)
                 if req is not None:
-                    req.params = ev.params
+                    req.params = ev
                     conn.runnable.append(req)
             elif t is Data:
                 req = reqs.get(ev.request_id)
@@ -1530,8 +1531,8 @@ class Server:
         status = 1
         if not req.aborted:
             try:
-                environ = build_environ(
-                    params,
+                environ = build_environ_latin1(
+                    params.take_latin1(),
                     input=InputStream(req.read_stdin),
                     errors=ErrorStream(req.send_stderr),
                     multithread=self.multithread,

@@ -18,6 +18,7 @@ Public API (the server builds on it):
 from __future__ import annotations
 
 import importlib
+import operator
 import re
 import traceback
 import types
@@ -37,6 +38,7 @@ __all__ = [
     "WSGIApplication",
     "WSGIEnvironment",
     "build_environ",
+    "build_environ_latin1",
     "load_app",
     "parse_app_spec",
     "run_app",
@@ -387,6 +389,9 @@ class FileWrapper:
 # --------------------------------------------------------------------------------------------
 
 _TRUE_HTTPS: Final = frozenset({"on", "1"})
+_DEFAULTED: Final = operator.itemgetter(
+    "REQUEST_METHOD", "SERVER_NAME", "SERVER_PORT", "SERVER_PROTOCOL"
+)
 
 
 def _path_from_request_uri(uri: bytes) -> str:
@@ -421,24 +426,77 @@ def build_environ(
     ``environ["SERVER_NAME"]`` because a web server's config left it out.
     ``url_scheme`` overrides the HTTPS detection (for a server that knows better).
     """
-    environ: dict[str, Any] = {k.decode("latin-1"): v.decode("latin-1") for k, v in params.items()}
-    get = environ.get
+    return build_environ_latin1(
+        {k.decode("latin-1"): v.decode("latin-1") for k, v in params.items()},
+        input=input,
+        errors=errors,
+        multithread=multithread,
+        multiprocess=multiprocess,
+        url_scheme=url_scheme,
+    )
 
-    if not get("REQUEST_METHOD"):
-        environ["REQUEST_METHOD"] = "GET"
+
+# The wsgi.* entries that do not change between requests, one dict per (multithread,
+# multiprocess, url_scheme): a single dict.update() adds them all.
+_WSGI_CONSTANTS: Final = {
+    (mt, mp, scheme): {
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scheme,
+        "wsgi.multithread": mt,
+        "wsgi.multiprocess": mp,
+        "wsgi.run_once": False,
+        "wsgi.file_wrapper": FileWrapper,
+        # The FastCGI stdin stream has an explicit end, so reading to EOF is safe even without
+        # CONTENT_LENGTH (chunked uploads).
+        "wsgi.input_terminated": True,
+    }
+    for mt in (False, True)
+    for mp in (False, True)
+    for scheme in ("http", "https")
+}
+
+
+def build_environ_latin1(
+    environ: dict[str, str],
+    *,
+    input: wsgi_types.InputStream,
+    errors: wsgi_types.ErrorStream,
+    multithread: bool,
+    multiprocess: bool,
+    url_scheme: str | None = None,
+) -> dict[str, Any]:
+    """build_environ() for PARAMS already latin-1 decoded (``protocol.Params.take_latin1()``).
+
+    The dict is turned into the environ IN PLACE and returned: the caller hands it over. This
+    is the server's fast path: the PARAMS block was decoded once, straight to ``str``, and no
+    second dict is built.
+    """
+    env: dict[str, Any] = environ
+    get = env.get
+    # One C call tells whether any of the four variables that get defaults is missing or empty
+    # (never, from nginx, lighttpd or Apache); only then are they looked at one by one.
+    try:
+        defaults_needed = "" in _DEFAULTED(env)
+    except KeyError:
+        defaults_needed = True
+
+    if defaults_needed and not get("REQUEST_METHOD"):
+        env["REQUEST_METHOD"] = "GET"
 
     # CGI forbids HTTP_CONTENT_TYPE/LENGTH (and wsgiref.validate rejects them), but nginx passes
     # every request header on as HTTP_*; the CGI variables are the authoritative ones.
-    http_ctype = environ.pop("HTTP_CONTENT_TYPE", None)
-    environ.pop("HTTP_CONTENT_LENGTH", None)
-    if "CONTENT_TYPE" not in environ and http_ctype:
-        environ["CONTENT_TYPE"] = http_ctype
+    if "HTTP_CONTENT_TYPE" in env:
+        http_ctype = env.pop("HTTP_CONTENT_TYPE")
+        if "CONTENT_TYPE" not in env and http_ctype:
+            env["CONTENT_TYPE"] = http_ctype
+    if "HTTP_CONTENT_LENGTH" in env:  # absent is the rule: "in" costs less than a pop() call
+        del env["HTTP_CONTENT_LENGTH"]  # noqa: RUF051
     # Web servers send CONTENT_LENGTH="" / CONTENT_TYPE="" for bodiless requests; PEP 3333
     # says they "may be empty or absent", and absent is what apps test for.
     if get("CONTENT_LENGTH") == "":
-        del environ["CONTENT_LENGTH"]
+        del env["CONTENT_LENGTH"]
     if get("CONTENT_TYPE") == "":
-        del environ["CONTENT_TYPE"]
+        del env["CONTENT_TYPE"]
 
     script_name = get("SCRIPT_NAME")
     path_info = get("PATH_INFO")
@@ -448,55 +506,55 @@ def build_environ(
         if not path_info and request_uri is not None:
             # latin-1 round-trips, so this is the raw REQUEST_URI bytes again
             path_info = _path_from_request_uri(request_uri.encode("latin-1"))
+        env["SCRIPT_NAME"] = ""
     if path_info is None:
         path_info = ""
     if script_name.endswith("/"):
         # PEP 3333: SCRIPT_NAME never ends in "/" ("/" must become "" with PATH_INFO "/"),
         # the slash belongs to PATH_INFO.
-        script_name = script_name[:-1]
+        env["SCRIPT_NAME"] = script_name[:-1]
         if not path_info.startswith("/"):
             path_info = "/" + path_info
-    environ["SCRIPT_NAME"] = script_name
-    environ["PATH_INFO"] = path_info
+    env["PATH_INFO"] = path_info
 
-    if "QUERY_STRING" not in environ:
+    if "QUERY_STRING" not in env:
         uri = get("REQUEST_URI", "")
-        environ["QUERY_STRING"] = uri.split("?", 1)[1].split("#", 1)[0] if "?" in uri else ""
+        env["QUERY_STRING"] = uri.split("?", 1)[1].split("#", 1)[0] if "?" in uri else ""
 
     if url_scheme is None:
         https = get("HTTPS")
-        if (https is not None and https.lower() in _TRUE_HTTPS) or get(
-            "REQUEST_SCHEME", ""
+        scheme = get("REQUEST_SCHEME")
+        if https is None and (scheme is None or scheme == "http"):
+            url_scheme = "http"  # the common case, without the lower() calls
+        elif (https is not None and https.lower() in _TRUE_HTTPS) or (
+            scheme or ""
         ).lower() == "https":
             url_scheme = "https"
         else:
             url_scheme = "http"
 
-    if not get("SERVER_NAME") or not get("SERVER_PORT"):
+    if defaults_needed and (not get("SERVER_NAME") or not get("SERVER_PORT")):
         host = get("HTTP_HOST", "")
         name, port = host, ""
         colon = host.rfind(":")
         if colon >= 0 and host.find("]", colon) < 0:  # a ":" that is not inside "[::1]"
             name, port = host[:colon], host[colon + 1 :]
         if not get("SERVER_NAME"):
-            environ["SERVER_NAME"] = name or "localhost"
+            env["SERVER_NAME"] = name or "localhost"
         if not get("SERVER_PORT"):
-            environ["SERVER_PORT"] = port or ("443" if url_scheme == "https" else "80")
-    if not get("SERVER_PROTOCOL"):
-        environ["SERVER_PROTOCOL"] = "HTTP/1.0"
+            env["SERVER_PORT"] = port or ("443" if url_scheme == "https" else "80")
+    if defaults_needed and not get("SERVER_PROTOCOL"):
+        env["SERVER_PROTOCOL"] = "HTTP/1.0"
 
-    environ["wsgi.version"] = (1, 0)
-    environ["wsgi.url_scheme"] = url_scheme
-    environ["wsgi.input"] = input
-    environ["wsgi.errors"] = errors
-    environ["wsgi.multithread"] = multithread
-    environ["wsgi.multiprocess"] = multiprocess
-    environ["wsgi.run_once"] = False
-    environ["wsgi.file_wrapper"] = FileWrapper
-    # The FastCGI stdin stream has an explicit end, so reading to EOF is safe even without
-    # CONTENT_LENGTH (chunked uploads).
-    environ["wsgi.input_terminated"] = True
-    return environ
+    constants = _WSGI_CONSTANTS.get((multithread, multiprocess, url_scheme))
+    if constants is not None:
+        env.update(constants)
+    else:  # a url_scheme other than http/https, given by the server
+        env.update(_WSGI_CONSTANTS[bool(multithread), bool(multiprocess), "http"])
+        env["wsgi.url_scheme"] = url_scheme
+    env["wsgi.input"] = input
+    env["wsgi.errors"] = errors
+    return env
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,6 +578,11 @@ _PLAIN: Final = 0
 _CONTENT_LENGTH: Final = 1
 _known_statuses: set[str] = set()
 _known_names: dict[str, int] = {}
+# Whole heads, keyed by (status, *headers): an app answers with the same few status/header
+# combinations, so the common start_response() is one tuple, one hash and one dict lookup. A
+# hit is as safe as a miss: it returns bytes that were validated when the key was first seen,
+# and a key only equals one built from equal strings. Bounded like the caches above.
+_known_heads: dict[tuple[object, ...], tuple[bytes, int | None]] = {}
 
 
 def _check_status(status: object) -> str:
@@ -635,15 +698,26 @@ class _Response:
                 exc_info = None  # break the frame <-> traceback cycle
         elif self.head is not None:
             raise StartResponseError("start_response() called a second time without exc_info")
-        self.head, self.declared = _build_head(status, headers)
-        self.remaining = self.declared
+        hit = key = None
+        if type(headers) is list:
+            try:
+                key = (status, *headers)
+                hit = _known_heads.get(key)
+            except TypeError:  # an unhashable item (a list, say): validate it the long way
+                key = None
+        if hit is None:
+            hit = _build_head(status, headers)
+            if key is not None and len(_known_heads) < _CACHE_LIMIT:
+                _known_heads[key] = hit
+        self.head, self.declared = hit
+        self.remaining = hit[1]
         return self.write
 
     def write(self, data: bytes) -> None:
         """PEP 3333 write(): sent before returning (send() is synchronous)."""
         if type(data) is not bytes:
             raise TypeError(f"write() takes bytes, not {type(data).__name__}")
-        if self.disconnected:
+        if self.send_error is not None:
             raise ClientDisconnected("the client is gone; the response cannot be sent")
         if self.overflow:
             raise InvalidResponseError("write() past the declared Content-Length")
@@ -690,7 +764,7 @@ class _Response:
 
     def transmit(self, bufs: list[bytes]) -> None:
         """Hand buffers to the server; a failed send means the peer is gone for good."""
-        if self.disconnected:
+        if self.send_error is not None:
             raise ClientDisconnected("the client is gone; the response cannot be sent")
         try:
             self.send(bufs)
@@ -727,10 +801,10 @@ def run_app(
     failed = False
     try:
         result = app(environ, resp.start_response)
-        if not resp.disconnected:  # the app may have hit a dead peer through write() already
+        if resp.send_error is None:  # the app may have hit a dead peer through write() already
             _send_result(resp, result)
     except ClientDisconnected as exc:
-        if not resp.disconnected:  # raised by the app itself, not by our send
+        if resp.send_error is None:  # raised by the app itself, not by our send
             failed = True
             _report(resp, exc)
     except Exception as exc:
@@ -745,14 +819,15 @@ def run_app(
                 except Exception as exc:
                     failed = True
                     log(f"error in the WSGI application's close():\n{_format_exception(exc)}")
-        if errors is not None:
+        # (the server's own ErrorStream with nothing pending: skip the call)
+        if errors is not None and (type(errors) is not ErrorStream or errors._pending):
             try:
                 errors.flush()
             except Exception as exc:
                 log(f"error flushing wsgi.errors: {exc!r}")
     if resp.send_error is not None:
         log(f"client went away before the response was complete: {resp.send_error!r}")
-    return 1 if failed or resp.overflow or resp.disconnected else 0
+    return 1 if failed or resp.overflow or resp.send_error is not None else 0
 
 
 def _send_result(resp: _Response, result: Iterable[bytes]) -> None:
@@ -764,7 +839,16 @@ def _send_result(resp: _Response, result: Iterable[bytes]) -> None:
         if type(chunk) is not bytes:
             raise TypeError(f"the application's iterable yielded {type(chunk).__name__}, not bytes")
         if chunk:
-            resp.emit(chunk)
+            remaining = resp.remaining
+            head = resp.head
+            if resp.head_sent or head is None or (remaining is not None and len(chunk) > remaining):
+                resp.emit(chunk)  # the general rules
+            else:  # the hello case, emit() inlined: head and body in one send
+                if remaining is not None:
+                    resp.remaining = remaining - len(chunk)
+                resp.head_sent = True
+                resp.transmit([head, chunk])
+                return
     elif rtype is FileWrapper:
         wrapper = cast(FileWrapper, result)
         read = wrapper.filelike.read

@@ -60,9 +60,10 @@ def test_one_input(data: bytes) -> None:
         max_requests_per_conn=fdp.ConsumeIntInRange(1, 8),
         max_params_bytes=fdp.ConsumeIntInRange(0, 4096),
     )
+    latin1 = fdp.ConsumeBool()  # the server's mode (PARAMS straight to str) and the default
     chunks = _chunks(fdp)
 
-    server = ServerConnection(limits)
+    server = ServerConnection(limits, latin1_params=latin1)
     try:
         for chunk in chunks:
             server.receive(chunk)

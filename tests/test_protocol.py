@@ -38,6 +38,7 @@ from fcgispawn.protocol import (
     StdoutData,
     UnknownType,
     decode_pairs,
+    decode_pairs_latin1,
     encode_abort_request,
     encode_begin_request,
     encode_get_values,
@@ -777,3 +778,120 @@ def test_client_encoding_round_trips_through_the_server() -> None:
     events = ServerConnection().receive(wire)
     assert events[:2] == [BeginRequest(4, Role.RESPONDER, True), Params(4, params)]
     assert [len(e.data) for e in events[2:] if isinstance(e, Stdin)] == [STDOUT_CHUNK, 4472, 0]
+
+
+# --- the whole-request fast path and latin-1 PARAMS -----------------------------------------------
+
+
+def _outcome(chunks: Sequence[bytes | memoryview], latin1: bool) -> object:
+    """Events (or the error), then the connection's state and output."""
+    conn = ServerConnection(latin1_params=latin1)
+    try:
+        events: object = [ev for chunk in chunks for ev in conn.receive(chunk)]
+    except ProtocolError:
+        events = ProtocolError
+    return events, conn.pending_output(), conn.active_requests, conn.should_close
+
+
+@pytest.mark.parametrize("latin1", [False, True])
+@pytest.mark.parametrize(
+    "wire",
+    [
+        pytest.param(nginx_request(), id="nginx"),
+        pytest.param(nginx_request(rid=8, flags=1), id="id-8-keep-conn"),
+        pytest.param(nginx_request(rid=300), id="id-300"),
+        pytest.param(
+            begin(1, 3) + rec(4, 1, pair(b"A", b"1")) + rec(4, 1) + rec(5, 1), id="filter"
+        ),
+        pytest.param(
+            begin(1, 2) + rec(4, 1, pair(b"A", b"\xff")) + rec(4, 1) + rec(5, 1), id="auth"
+        ),
+        pytest.param(
+            begin(1, 9) + rec(4, 1, pair(b"A", b"1")) + rec(4, 1) + rec(5, 1), id="bad-role"
+        ),
+        pytest.param(nginx_request()[:-1] + b"\x01", id="reserved-byte-set"),
+        pytest.param(nginx_request() + rec(5, 1), id="more-after-stdin-end"),
+        pytest.param(nginx_request(stdin=b"body"), id="with-body"),
+        pytest.param(
+            begin(1) + rec(4, 1, pair(b"A", b"1"), plen=0) + rec(4, 1) + rec(5, 1), id="unpadded"
+        ),
+        pytest.param(
+            rec(1, 1, bytes([0, 1, 0, 0, 0, 0, 0, 0]), plen=8)
+            + rec(4, 1, pair(b"A", b"1"))
+            + rec(4, 1)
+            + rec(5, 1),
+            id="padded-begin",
+        ),
+    ],
+)
+def test_whole_request_fast_path_gives_the_record_loops_events_and_state(
+    wire: bytes, latin1: bool
+) -> None:
+    # the record loop: a first byte alone completes no record, so the fast path is not taken
+    expected = _outcome([wire[:1], wire[1:]], latin1)
+    assert _outcome([wire], latin1) == expected
+    assert _outcome([memoryview(bytearray(wire))], latin1) == expected
+
+
+def test_whole_request_fast_path_rejection_ignores_the_rest() -> None:
+    """An OVERLOADED request's PARAMS are ignored (spec §3.3), even one over the size cap."""
+    limits = Limits(max_params_bytes=4)
+    wire = begin(1) + rec(4, 1, pair(b"LONG", b"value")) + rec(4, 1) + rec(5, 1)
+    conn = ServerConnection(limits, active_elsewhere=lambda: limits.max_reqs)
+    assert conn.receive(wire) == []
+    assert conn.pending_output() == rec(3, 1, b"\0\0\0\0\x02\0\0\0")
+    assert conn.should_close
+    with pytest.raises(ProtocolError, match="exceed 4"):
+        ServerConnection(limits).receive(wire)
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_whole_request_fast_path_errors_fail_the_connection(view: bool) -> None:
+    wire = begin(1) + rec(4, 1, b"\x05\x01ab") + rec(4, 1) + rec(5, 1)
+    conn = ServerConnection(latin1_params=True)
+    with pytest.raises(ProtocolError) as info:
+        conn.receive(memoryview(wire) if view else wire)
+    assert info.value.__cause__ is None
+    with pytest.raises(ProtocolError, match="already failed"):
+        conn.receive(nginx_request(rid=2))
+
+
+@pytest.mark.parametrize("latin1", [False, True])
+def test_params_gives_bytes_and_latin1_views_of_the_same_pairs(latin1: bool) -> None:
+    raw = {b"REQUEST_URI": b"/caf\xc3\xa9?q=\xff", N128: V128, b"EMPTY": b""}
+    wire = begin(1) + rec(4, 1, encode_pairs(raw)) + rec(4, 1) + rec(5, 1)
+    ev = ServerConnection(latin1_params=latin1).receive(wire)[1]
+    assert isinstance(ev, Params)
+    native = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw.items()}
+    taken = ev.take_latin1()
+    assert taken == native
+    taken["MUTATED"] = "by the caller, who owns it"
+    assert ev.params == raw
+    assert ev.take_latin1() == native  # a fresh dict after the first hand-over
+    assert ev == Params(1, raw)
+    assert Params(1, raw).take_latin1() == native
+    assert Params(1, block=encode_pairs(raw)).params == raw
+    assert decode_pairs_latin1(encode_pairs(raw)) == native
+    assert repr(Params(1, {b"A": b"1"})) == "Params(request_id=1, params={b'A': b'1'})"
+
+
+def test_params_built_lazily_before_hand_over_matches() -> None:
+    ev = ServerConnection(latin1_params=True).receive(nginx_request())[1]
+    assert isinstance(ev, Params)
+    assert ev.params == {b"REQUEST_METHOD": b"GET", b"SCRIPT_NAME": b"/hello"}
+    assert ev.take_latin1() == {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "/hello"}
+
+
+def test_respond_tail_for_request_id_1_is_the_generic_one() -> None:
+    bodies: list[list[Buffer]] = [
+        [b""],
+        [b"x"],
+        [b"x" * 7],
+        [b"x" * 8],
+        [b"ab", memoryview(b"cde")],
+    ]
+    for body in bodies:
+        conn = ServerConnection()
+        conn.receive(nginx_request())
+        got = b"".join(bytes(b) for b in conn.respond(1, body))
+        assert got == b"".join(bytes(b) for b in encode_response(1, body)), body

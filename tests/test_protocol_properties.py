@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +35,7 @@ from fcgispawn.protocol import (
     Stdin,
     StdoutData,
     decode_pairs,
+    decode_pairs_latin1,
     encode_abort_request,
     encode_get_values,
     encode_pairs,
@@ -147,8 +149,8 @@ def test_byte_at_a_time_gives_the_same_events(wire: bytes) -> None:
 # --- arbitrary input ----------------------------------------------------------------------------
 
 
-def check_arbitrary(chunks: list[bytes], limits: Limits) -> None:
-    conn = ServerConnection(limits)
+def check_arbitrary(chunks: list[bytes], limits: Limits, *, latin1: bool = False) -> None:
+    conn = ServerConnection(limits, latin1_params=latin1)
     for chunk in chunks:
         try:
             events = conn.receive(chunk)
@@ -194,6 +196,69 @@ def test_arbitrary_records_give_events_or_protocol_error_only(
     )
     check_arbitrary(cut(wire, points), Limits(max_requests_per_conn=2, mpxs_conns=True))
     check_arbitrary(cut(wire, points), Limits(mpxs_conns=False))
+    check_arbitrary(cut(wire, points), Limits(max_params_bytes=30), latin1=True)
+
+
+def outcome(chunks: list[bytes], latin1: bool) -> tuple[object, ...]:
+    """Every event (or the error) and the connection's state after it."""
+    conn = ServerConnection(
+        Limits(max_requests_per_conn=2, max_params_bytes=64), latin1_params=latin1
+    )
+    events: list[object] = []
+    try:
+        for chunk in chunks:
+            events += conn.receive(chunk)
+    except ProtocolError as exc:
+        assert exc.__cause__ is None, repr(exc.__cause__)
+        events.append(ProtocolError)
+    return tuple(events), conn.pending_output(), conn.active_requests, conn.should_close
+
+
+whole_requests = st.tuples(
+    st.sampled_from([1, 1, 1, 2]),  # BEGIN version
+    st.sampled_from([1, 1, 1, 4]),  # BEGIN type
+    st.sampled_from([0, 1, 8, 9]),  # request id
+    st.sampled_from([1, 2, 3, 7]),  # role
+    st.sampled_from([0, 1]),  # flags
+    st.binary(max_size=80),  # PARAMS body: often a malformed pair block
+    st.integers(0, 9),  # PARAMS padding
+    st.sampled_from([b"", b"\x01\x05\x00\x01\x00\x00\x00\x00", b"\x00"]),  # trailing junk
+)
+
+
+@FAST
+@given(whole_requests)
+def test_whole_request_fast_path_matches_the_record_loop(
+    shape: tuple[int, int, int, int, int, bytes, int, bytes],
+) -> None:
+    ver, rtype, rid, role, flags, body, pad, junk = shape
+    wire = (
+        bytes([ver, rtype, 0, rid, 0, 8, 0, 0, 0, role, flags, 0, 0, 0, 0, 0])
+        + bytes([1, 4, 0, rid, 0, len(body), pad, 0])
+        + body
+        + b"\0" * pad
+        + bytes([1, 4, 0, rid, 0, 0, 0, 0, 1, 5, 0, rid, 0, 0, 0, 0])
+        + junk
+    )
+    # Split after the first byte, no record is complete: the generic loop parses it all.
+    expected = outcome([wire[:1], wire[1:]], latin1=False)
+    for latin1 in (False, True):
+        assert outcome([wire], latin1) == expected
+        assert outcome([wire[:1], wire[1:]], latin1) == expected
+
+
+@FAST
+@given(st.binary(max_size=64))
+def test_decode_pairs_latin1_agrees_with_decode_pairs(block: bytes) -> None:
+    try:
+        expected = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in decode_pairs(block).items()
+        }
+    except ProtocolError:
+        with pytest.raises(ProtocolError):
+            decode_pairs_latin1(block)
+        return
+    assert decode_pairs_latin1(block) == expected
 
 
 @FAST

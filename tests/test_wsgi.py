@@ -35,6 +35,7 @@ from fcgispawn.wsgi import (
     InvalidResponseError,
     WSGIAppLoadError,
     build_environ,
+    build_environ_latin1,
     load_app,
     parse_app_spec,
     run_app,
@@ -81,14 +82,31 @@ def environ_for(
     url_scheme: str | None = None,
 ) -> dict[str, Any]:
     sink = stderr.append if stderr is not None else (lambda data: None)
-    return build_environ(
-        params if params is not None else {b"REQUEST_METHOD": b"GET", b"REQUEST_URI": b"/"},
-        input=InputStream(chunk_source(body)),
-        errors=ErrorStream(sink),
+    if params is None:
+        params = {b"REQUEST_METHOD": b"GET", b"REQUEST_URI": b"/"}
+    stream, errors = InputStream(chunk_source(body)), ErrorStream(sink)
+    environ = build_environ(
+        params,
+        input=stream,
+        errors=errors,
         multithread=True,
         multiprocess=False,
         url_scheme=url_scheme,
     )
+    # The server's fast path (PARAMS decoded straight to str, environ built in place) must
+    # give the very same environ, for every params table of this file.
+    latin1 = {k.decode("latin-1"): v.decode("latin-1") for k, v in params.items()}
+    fast = build_environ_latin1(
+        latin1,
+        input=stream,
+        errors=errors,
+        multithread=True,
+        multiprocess=False,
+        url_scheme=url_scheme,
+    )
+    assert fast is latin1
+    assert fast == environ
+    return environ
 
 
 @dataclass
@@ -1397,3 +1415,52 @@ def test_load_app_not_callable_is_a_clear_error(app_dir: tuple[Path, str]) -> No
     with pytest.raises(WSGIAppLoadError, match="not a callable") as info:
         load_app(f"{name}:application")
     assert "dict" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# the cache of validated heads
+# --------------------------------------------------------------------------------------------
+
+
+def test_head_cache_revalidates_headers_changed_in_place() -> None:
+    """An app reusing one (mutable) headers list: a cached good head never covers a bad one."""
+    headers = [("Content-Type", "text/plain"), ("X-Note", "fine")]
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", headers)
+        return [b"ok"]
+
+    for _ in range(2):  # the second run is a cache hit
+        out = serve(app)
+        assert out.status == 0
+        assert out.head == b"Status: 200 OK\r\nContent-Type: text/plain\r\nX-Note: fine\r\n\r\n"
+    headers[1] = ("X-Note", "evil\r\nSet-Cookie: x=1")
+    out = serve(app, validate=False)
+    assert out.status == 1
+    assert out.status_line == b"Status: 500 Internal Server Error"
+    assert b"Set-Cookie" not in out.raw
+    assert any("X-Note" in line for line in out.logs)
+
+
+def test_head_cache_handles_unhashable_and_tuple_headers() -> None:
+    for headers in ([["Content-Type", "text/plain"]], (("Content-Type", "text/plain"),)):
+
+        def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+            start_response("200 OK", headers)  # type: ignore[arg-type]  # noqa: B023
+            return [b"ok"]
+
+        for _ in range(2):
+            out = serve(app, validate=False)
+            assert out.status == 0
+            assert out.head == b"Status: 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+
+
+def test_head_cache_keeps_the_content_length_per_head() -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"toolong"]
+
+    for _ in range(2):
+        out = serve(app, validate=False)
+        assert out.body == b"to"
+        assert out.status == 1
