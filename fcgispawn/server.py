@@ -178,9 +178,15 @@ _ROLE_NAMES: Final = {role: role.name for role in Role}
 _EP_IN: Final = select.EPOLLIN | select.EPOLLONESHOT
 _EP_STOP: Final = select.EPOLLIN
 _DONTWAIT: Final = socket.MSG_DONTWAIT
-#: Placeholder condition of unshared connections (never waited on: every use is behind
-#: ``conn.shared``, and a connection gets its own Condition before it becomes shared).
-_NO_COND: Final = threading.Condition(threading.Lock())
+#: Placeholders of unshared connections: every use of a connection's locks and condition is
+#: behind ``conn.shared``, and a connection gets its own (``_Conn.share``) before it becomes
+#: shared. Allocating three locks and a Condition per connection cost ~2 % of a request, and
+#: only multiplexed connections (which no real web server opens) ever need them.
+_NO_LOCK: Final = threading.Lock()
+_NO_COND: Final = threading.Condition(_NO_LOCK)
+#: Placeholder input queue of a request that has none yet (any GET; FCGI_DATA for every role
+#: but FILTER, which the protocol refuses): never appended to (see ``_Req.queue_for``).
+_NO_CHUNKS: Final[collections.deque[bytes]] = collections.deque(maxlen=0)
 _PEEK_DONTWAIT: Final = socket.MSG_DONTWAIT | socket.MSG_PEEK
 _RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)
 _POLLIN: Final = select.POLLIN
@@ -305,10 +311,11 @@ class _Req:
         self.role = role
         self.keep_conn = keep_conn
         self.params: Params | None = None
-        self.chunks: collections.deque[bytes] = collections.deque()
+        # Created when the first chunk arrives (queue_for): most requests carry no body.
+        self.chunks: collections.deque[bytes] = _NO_CHUNKS
         self.queued = 0
         self.stdin_done = False
-        self.data_chunks: collections.deque[bytes] = collections.deque()
+        self.data_chunks: collections.deque[bytes] = _NO_CHUNKS
         self.data_done = role != Role.FILTER
         self.aborted = False
         self.defer = False
@@ -317,10 +324,21 @@ class _Req:
 
     # -- wsgi.input / FCGI_DATA sources --------------------------------------------------------
 
+    def queue_for(self, data: bool) -> collections.deque[bytes]:
+        """The STDIN (or FCGI_DATA) queue, created on first use by the connection's reader."""
+        queue = self.data_chunks if data else self.chunks
+        if queue is _NO_CHUNKS:
+            queue = collections.deque()
+            if data:
+                self.data_chunks = queue
+            else:
+                self.chunks = queue
+        return queue
+
     def read_stdin(self) -> bytes:
         """``InputStream`` source: the next STDIN chunk, reading the socket when none is queued."""
-        chunks = self.chunks
         while True:
+            chunks = self.chunks  # re-read: the reader replaces the placeholder on first input
             if chunks:
                 chunk = chunks.popleft()
                 if self.conn.shared:
@@ -333,8 +351,8 @@ class _Req:
 
     def read_data(self) -> bytes:
         """FILTER role: the FCGI_DATA stream (``environ["fcgi.data"]``), after STDIN (spec §6.4)."""
-        chunks = self.data_chunks
         while True:
+            chunks = self.data_chunks  # re-read, as in read_stdin
             if chunks:
                 chunk = chunks.popleft()
                 if self.conn.shared:
@@ -438,7 +456,10 @@ class _Conn:
         self._sock: socket.socket | None = None
         self.proto = ServerConnection(limits, latin1_params=True)
         self.reqs: dict[int, _Req] = {}
-        self.runnable: collections.deque[_Req] = collections.deque()
+        # A list, not a deque (cheaper to create): it holds more than one request only when a
+        # connection multiplexes; append and pop(0) are each atomic, as a reader that appends
+        # without the lock needs (see _hand_off).
+        self.runnable: list[_Req] = []
         self.users = 1
         self.shared = False
         self.dead = False
@@ -450,12 +471,22 @@ class _Conn:
         self.pending = False  # parked owing a request (io_timeout), not idle between requests
         self.served = 0
         self.stdin_incomplete = False
-        self.lock = threading.Lock()  # protocol state + users (short critical sections)
-        # Created when the connection first becomes shared: a Condition costs 1.5 us, as much
-        # as a twentieth of a whole request, and only multiplexed connections need one.
+        # Created by share() when the connection first becomes shared: a Condition costs
+        # 1.5 us, as much as a twentieth of a whole request, and only multiplexed connections
+        # need these.
+        self.lock = _NO_LOCK  # protocol state + users (short critical sections)
         self.cond: threading.Condition = _NO_COND
-        self.rlock = threading.Lock()  # the read token: who holds it reads the socket
-        self.wlock = threading.Lock()  # whole sendmsg calls
+        self.rlock = _NO_LOCK  # the read token: who holds it reads the socket
+        self.wlock = _NO_LOCK  # whole sendmsg calls
+
+    def share(self) -> None:
+        """Give the connection its own locks before a second actor may touch it (the caller
+        is its only user, so nobody holds or waits on the placeholders meanwhile)."""
+        if self.cond is _NO_COND:
+            self.lock = threading.Lock()
+            self.rlock = threading.Lock()
+            self.wlock = threading.Lock()
+            self.cond = threading.Condition(self.lock)
 
     @property
     def sock(self) -> socket.socket:
@@ -655,7 +686,12 @@ class Server:
         self._tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
         _nowait_io()
         self._lock = threading.Lock()
-        self._work = 0  # connections owned by a thread + queued tasks
+        # Connections owned by a thread + queued tasks = _work + the sum of _accepted: each
+        # pool thread counts the connections it accepts in its own cell (one writer per cell,
+        # so no lock), and every release decrements _work under the lock it takes anyway.
+        # A new connection thus costs one _lock section instead of two. Read with _busy().
+        self._work = 0
+        self._accepted: list[list[int]] = []
         self._served = 0
         self._watched: dict[int, _Conn] = {}  # fd -> connection registered (armed) in the epoll
         self._idle_count = 0  # parked between requests (kept open by the web server)
@@ -889,7 +925,7 @@ class Server:
             self.log(f"stopping ({reason}): finishing requests in progress")
             while True:
                 with self._lock:
-                    work = self._work
+                    work = self._busy()
                     pending = self._pending_count
                 now = time.monotonic()
                 if not self._graceful or (work == 0 and (not pending or now >= pending_until)):
@@ -923,6 +959,13 @@ class Server:
             t.join(max(0.0, join_until - time.monotonic()))
         return self._exit_code
 
+    def _busy(self) -> int:
+        """Connections owned by a thread + queued tasks (caller holds ``_lock``)."""
+        work = self._work
+        for cell in self._accepted:
+            work += cell[0]
+        return work
+
     def _max_reached(self) -> bool:
         return bool(self.max_requests) and self._served >= self.max_requests
 
@@ -938,6 +981,8 @@ class Server:
         lfd, stop_fd, task_fd = self._lfd, self._stop_fd, self._task_fd
         tasks = self._tasks
         serve_new = self._serve_new
+        accepted = [0]  # this thread's count of accepted connections (see Server._work)
+        self._accepted.append(accepted)
         # Try accept() before sleeping only while the last try found a connection (or the
         # thread just took one from the listener): under load that skips epoll entirely; with
         # kept-alive connections (no new ones to accept) it saves a failing accept + exception
@@ -966,7 +1011,7 @@ class Server:
                     if self._accept_down_since is not None:
                         self._accept_recovered()
                     try:
-                        serve_new(fd, addr)
+                        serve_new(fd, addr, accepted)
                     except BaseException as exc:
                         self._internal_error(exc)
                     continue
@@ -995,7 +1040,7 @@ class Server:
                         if self._accept_down_since is not None:
                             self._accept_recovered()
                         try:
-                            serve_new(got[0], got[1])
+                            serve_new(got[0], got[1], accepted)
                         except BaseException as exc:
                             self._internal_error(exc)
                 elif fd == stop_fd:
@@ -1110,22 +1155,25 @@ class Server:
         close = conn.dead or conn.proto.should_close or conn.stdin_incomplete
         wake_main = False
         evicted: _Conn | None = None
+        work = 1
         with self._lock:
             self._work -= 1
             self._served += nserved
-            work = self._work
             stopping = self._stopping
-            pending = bool(conn.reqs) or conn.fresh
-            if not close and stopping and not pending:
-                close = True
-            if not close and not pending and self._idle_count >= MAX_IDLE_CONNS:
-                close = True
-            if not close and pending and self._pending_count >= MAX_PENDING_CONNS:
-                # A flood of silent connections must not lock new peers out: the oldest
-                # pending one makes room (a web server's request arrives within
-                # microseconds of its connect, so only silent peers grow old here).
-                evicted = self._evict_pending_locked()
-                close = evicted is None
+            if stopping:
+                work = self._busy()
+            pending = False
+            if not close:  # (a connection the web server lets us close skips all of this)
+                pending = bool(conn.reqs) or conn.fresh
+                if pending:
+                    if self._pending_count >= MAX_PENDING_CONNS:
+                        # A flood of silent connections must not lock new peers out: the
+                        # oldest pending one makes room (a web server's request arrives within
+                        # microseconds of its connect, so only silent peers grow old here).
+                        evicted = self._evict_pending_locked()
+                        close = evicted is None
+                elif stopping or self._idle_count >= MAX_IDLE_CONNS:
+                    close = True
             if not close:
                 conn.idle = True
                 # A connection owing (the rest of) a request gets io_timeout, a kept-open one
@@ -1155,7 +1203,7 @@ class Server:
                 if self._ep is not None:
                     with contextlib.suppress(OSError):
                         self._ep.unregister(self._lfd)
-            if close and self._watched.get(conn.fd) is conn:
+            if close and conn.registered and self._watched.get(conn.fd) is conn:
                 del self._watched[conn.fd]  # armed while shared; the close unregisters it
         if evicted is not None:
             _close(evicted)
@@ -1220,14 +1268,20 @@ class Server:
 
     # -- serving a connection -------------------------------------------------------------------
 
-    def _serve_new(self, fd: int, addr: Any) -> None:
-        """A freshly accepted connection: filter the peer, then read and serve inline."""
+    def _serve_new(self, fd: int, addr: Any, accepted: list[int] | None = None) -> None:
+        """A freshly accepted connection: filter the peer, then read and serve inline.
+
+        ``accepted``: the calling pool thread's own counter cell (see ``_work``); without one
+        (a caller outside the pool) the connection is counted under the lock."""
         if self.allowed is not None and self._tcp and addr[0] not in self.allowed:
             os.close(fd)
             return
         conn = _Conn(fd, self.limits, self._family)
-        with self._lock:
-            self._work += 1
+        if accepted is not None:
+            accepted[0] += 1  # this thread is the cell's only writer
+        else:
+            with self._lock:
+                self._work += 1
         try:
             # Non-blocking: under load the request is already there (one read); a peer that
             # connected but has not written yet is parked by _leave, not waited for.
@@ -1316,7 +1370,7 @@ class Server:
                 if req is None:
                     continue
                 if ev.data:
-                    self._enqueue(conn, req, req.chunks, ev.data)
+                    self._enqueue(conn, req, req.queue_for(False), ev.data)
                 else:
                     req.stdin_done = True
             elif t is BeginRequest:
@@ -1331,7 +1385,7 @@ class Server:
                 if req is None:
                     continue
                 if ev.data:
-                    self._enqueue(conn, req, req.data_chunks, ev.data)
+                    self._enqueue(conn, req, req.queue_for(True), ev.data)
                 else:
                     req.data_done = True
             elif t is AbortRequest:
@@ -1385,7 +1439,7 @@ class Server:
         runnable = conn.runnable
         while not conn.dead:
             if runnable:
-                req = runnable.popleft()
+                req = runnable.pop(0)
                 if runnable:  # multiplexed: other threads take the rest
                     self._hand_off(conn)
                 self._run(req)
@@ -1406,15 +1460,14 @@ class Server:
         """Give every queued runnable request to another pool thread (the connection becomes
         shared: locks on, and the epoll watches it for input nobody is waiting for)."""
         runnable = conn.runnable
-        if conn.cond is _NO_COND:
-            conn.cond = threading.Condition(conn.lock)
+        conn.share()
         reqs: list[_Req] = []
         with conn.lock:
             conn.shared = True
-            # popleft one by one: a reader may append concurrently (it does not take the lock
+            # pop(0) one by one: a reader may append concurrently (it does not take the lock
             # to append), and clear() after a copy could drop what it appended in between.
             while runnable:
-                reqs.append(runnable.popleft())
+                reqs.append(runnable.pop(0))
             conn.users += len(reqs)
         for req in reqs:
             self._queue(functools.partial(self._run_task, req))

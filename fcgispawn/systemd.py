@@ -49,7 +49,6 @@ def _optional_import(name: str) -> ModuleType | None:
 
 
 _daemon = _optional_import("systemd.daemon")
-_journal = _optional_import("systemd.journal")
 
 
 def listen_fds(*, unset_environment: bool = True) -> list[tuple[int, str | None]]:
@@ -218,6 +217,9 @@ def journal_log(message: str, priority: int, **fields: str) -> None:
     ``priority`` is syslog's 0 (emerg) .. 7 (debug); ``fields`` become upper-case journal
     fields. Logging must never raise into the supervisor's loop.
     """
+    # Imported here, not at module load: every worker imports this module (LISTEN_FDS, READY)
+    # and systemd.journal alone costs ~8 ms of a worker's start; only a detached supervisor logs.
+    _journal = _optional_import("systemd.journal")
     if _journal is None:  # pragma: no cover
         return
     extra = {key.upper(): value for key, value in fields.items()}
