@@ -281,40 +281,20 @@ def serve(
     overruns ``request_timeout`` makes this return EXIT_REQUEST_TIMEOUT (124); the hung
     thread is a daemon thread the embedder may want to exit over.
     """
+    bound: sockets.Listener | None = None
     if isinstance(address, socket.socket):
-        return _serve_app(
-            app,
-            address,
-            threads=threads,
-            max_requests=max_requests,
-            max_requests_jitter=max_requests_jitter,
-            graceful_timeout=graceful_timeout,
-            request_timeout=request_timeout,
-            web_server_addrs=web_server_addrs,
-            multiprocess=multiprocess,
-            log=log,
-            on_start=on_start,
-        )
-    addr = sockets.parse_address(address)
-    if isinstance(addr, sockets.FdAddress):
-        return serve(
-            app,
-            sockets.adopt_fd(addr.fd),
-            threads=threads,
-            max_requests=max_requests,
-            max_requests_jitter=max_requests_jitter,
-            graceful_timeout=graceful_timeout,
-            request_timeout=request_timeout,
-            web_server_addrs=web_server_addrs,
-            multiprocess=multiprocess,
-            log=log,
-            on_start=on_start,
-        )
-    bound = sockets.bind(addr, sockets.BindOptions(backlog=backlog))
+        sock = address
+    else:
+        addr = sockets.parse_address(address)
+        if isinstance(addr, sockets.FdAddress):
+            sock = sockets.adopt_fd(addr.fd)
+        else:
+            bound = sockets.bind(addr, sockets.BindOptions(backlog=backlog))
+            sock = bound.sock
     try:
         return _serve_app(
             app,
-            bound.sock,
+            sock,
             threads=threads,
             max_requests=max_requests,
             max_requests_jitter=max_requests_jitter,
@@ -326,4 +306,5 @@ def serve(
             on_start=on_start,
         )
     finally:
-        bound.close()
+        if bound is not None:
+            bound.close()

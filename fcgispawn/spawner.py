@@ -159,19 +159,19 @@ def spawn(cfg: SpawnConfig, *, log: Log, say: Log, daemon_log: Callable[[], Log]
             say(f"fcgispawn: supervisor started: PID: {result.pid}")
             return 0
         raise _Exit(result)
-    # The child: become a daemon, supervise, report readiness (or the failure) to the waiter.
+    # The child: become a daemon, supervise, report readiness (or the failure) to the waiter;
+    # its exit status then goes back through cli.py like the foreground's.
     try:
         process.detach([sock.fileno()], readiness=pipe)
-        dlog = daemon_log()
-        rc = _supervise(sock, owned, spec, policy, cfg, dlog, on_ready=pipe.ready)
+        return _supervise(sock, owned, spec, policy, cfg, daemon_log(), on_ready=pipe.ready)
     except FcgiSpawnError as error:
         pipe.fail(str(error), error.exit_code)
-        os._exit(error.exit_code)
+        raise
     except BaseException as error:
-        pipe.fail(f"internal error: {error!r}", 1)
-        os._exit(1)
-    pipe.close()
-    os._exit(rc)
+        pipe.fail(f"internal error: {error!r}", 1)  # never leave the waiter hanging
+        raise
+    finally:
+        pipe.close()
 
 
 class _Exit(FcgiSpawnError):
