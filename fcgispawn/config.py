@@ -188,7 +188,7 @@ def build(opts: Options) -> SpawnConfig:
     _positive("--request-timeout", opts.request_timeout, 0)
     _positive("--crash-limit", opts.crash_limit)
     _positive("--crash-window", opts.crash_window, 0)
-    _positive("--backoff-max", opts.backoff_max, 0)
+    _positive("--backoff-max", opts.backoff_max, 0.1)  # the first restart delay is 0.1 s
 
     address = _address(opts)
     mode = 0o660

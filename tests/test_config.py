@@ -34,6 +34,8 @@ def opts(**kw: object) -> Options:
         ({"php_children": 0}, "-C must be at least 1"),
         ({"backlog": 0}, "-b/--backlog"),
         ({"threads": 0}, "--threads"),
+        ({"backoff_max": 0.0}, "--backoff-max must be at least 0.1"),
+        ({"crash_limit": 0}, "--crash-limit must be at least 1"),
         ({"command": ()}, "no FastCGI application given"),
         ({"command": ("no-such-program-xyz",)}, "cannot execute 'no-such-program-xyz'"),
         ({"command": ("/etc/passwd",)}, "cannot execute '/etc/passwd'"),
