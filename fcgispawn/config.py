@@ -7,6 +7,7 @@ lets them be unit-tested without a terminal and keeps cli.py to parsing and prin
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -160,9 +161,18 @@ def parse_mode(text: str) -> int:
 
 
 def parse_web_server_addrs(text: str | None) -> tuple[str, ...] | None:
+    """Checked here so a typo fails the start, not every worker in a loop."""
     if text is None:
         return None
     addrs = tuple(a.strip() for a in text.split(",") if a.strip())
+    for addr in addrs:
+        try:
+            ipaddress.ip_address(addr)
+        except ValueError:
+            raise ConfigError(
+                f"--web-server-addrs: {addr!r} is not an IP address",
+                hint="give comma-separated IPv4/IPv6 addresses, e.g. 127.0.0.1,::1",
+            ) from None
     return addrs
 
 
@@ -227,6 +237,7 @@ def build(opts: Options) -> SpawnConfig:
             hint="give -- COMMAND [ARG...] or --wsgi MODULE:CALLABLE",
         )
 
+    _check_directories(opts.chroot, opts.chdir)
     if command is not None and not _executable(command[0], opts.chroot, opts.chdir):
         raise ConfigError(
             f"cannot execute {command[0]!r}: not found or not executable",
@@ -238,7 +249,9 @@ def build(opts: Options) -> SpawnConfig:
         extra_env["PHP_FCGI_CHILDREN"] = str(opts.php_children)
     if command is not None and opts.web_server_addrs is not None:
         # libfcgi and php-cgi read the allow-list from the environment (FastCGI spec 3.2).
-        extra_env["FCGI_WEB_SERVER_ADDRS"] = opts.web_server_addrs
+        extra_env["FCGI_WEB_SERVER_ADDRS"] = ",".join(
+            parse_web_server_addrs(opts.web_server_addrs) or ()
+        )
 
     return SpawnConfig(
         address=address,
@@ -305,6 +318,18 @@ def _address(opts: Options) -> Address | None:
             raise ConfigError(f"--fd {opts.fd} is not a file descriptor")
         return FdAddress(opts.fd)
     return None
+
+
+def _check_directories(chroot: str | None, chdir: str | None) -> None:
+    """A missing -c or -d directory would only show up as every worker failing at start."""
+    if chroot is not None and not os.path.isdir(chroot):
+        raise ConfigError(f"-c {chroot}: no such directory")
+    if chdir is not None:
+        path = os.path.join(chroot, chdir.lstrip("/")) if chroot else chdir
+        if not os.path.isdir(path):
+            raise ConfigError(
+                f"-d {chdir}: no such directory" + (f" in {chroot}" if chroot else "")
+            )
 
 
 def _check_app_spec(spec: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,9 @@ def opts(**kw: object) -> Options:
         ({"backlog": 0}, "-b/--backlog"),
         ({"threads": 0}, "--threads"),
         ({"backoff_max": 0.0}, "--backoff-max must be at least 0.1"),
+        ({"chroot": "/nonexistent-xyz"}, "-c /nonexistent-xyz: no such directory"),
+        ({"chdir": "/nonexistent-xyz"}, "-d /nonexistent-xyz: no such directory"),
+        ({"web_server_addrs": "127.0.0.1,bogus"}, "'bogus' is not an IP address"),
         ({"crash_limit": 0}, "--crash-limit must be at least 1"),
         ({"command": ()}, "no FastCGI application given"),
         ({"command": ("no-such-program-xyz",)}, "cannot execute 'no-such-program-xyz'"),
@@ -87,12 +91,11 @@ def test_deprecated_f_runs_through_the_shell_and_is_ignored_with_command() -> No
     assert build(opts(app_path="/usr/bin/php-cgi")).command == CMD
 
 
-def test_socket_is_created_inside_the_chroot_unless_s() -> None:
-    cfg = build(opts(socket="/run/app.sock", chroot="/srv/jail", command=("app",)))
-    assert cfg.bind_address() == UnixAddress("/srv/jail/run/app.sock")
-    cfg = build(
-        opts(socket="/run/app.sock", chroot="/srv/jail", bind_before_chroot=True, command=("a",))
-    )
+def test_socket_is_created_inside_the_chroot_unless_s(tmp_path: Path) -> None:
+    jail = str(tmp_path)
+    cfg = build(opts(socket="/run/app.sock", chroot=jail, command=("app",)))
+    assert cfg.bind_address() == UnixAddress(f"{jail}/run/app.sock")
+    cfg = build(opts(socket="/run/app.sock", chroot=jail, bind_before_chroot=True, command=("a",)))
     assert cfg.bind_address() == UnixAddress("/run/app.sock")
 
 
