@@ -43,7 +43,10 @@ Exit status: 0 success, 1 runtime failure, 2 usage error.
 
 
 def _stderr_log(message: str) -> None:
-    print(f"fcgispawn[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+    # One write per line: print() writes text and newline separately, and workers share the
+    # supervisor's stderr, so their lines would interleave mid-line.
+    sys.stderr.write(f"fcgispawn[{os.getpid()}]: {message}\n")
+    sys.stderr.flush()
 
 
 def _daemon_log() -> Log:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from fcgispawn import process, systemd
 from fcgispawn.config import SpawnConfig
-from fcgispawn.errors import FcgiSpawnError, SocketError
+from fcgispawn.errors import CrashLoopError, FcgiSpawnError, SocketError
 from fcgispawn.sockets import BindOptions, FdAddress, Listener, adopt_fd, bind, is_listening_socket
 from fcgispawn.supervisor import PassMode, Policy, Readiness, Supervisor, WorkerSpec
 
@@ -161,36 +161,23 @@ def spawn(cfg: SpawnConfig, *, log: Log, say: Log, daemon_log: Callable[[], Log]
         raise _Exit(result)
     # The child: become a daemon, supervise, report readiness (or the failure) to the waiter;
     # its exit status then goes back through cli.py like the foreground's.
-    # Until the workers are up, their stderr stays the user's terminal: an app's import error
-    # or a COMMAND's complaint is then printed before the command returns, as in -n mode,
-    # instead of vanishing into /dev/null with only "workers keep dying" to go on.
-
-    def ready() -> None:
-        _stderr_to_devnull()
-        pipe.ready()
-
     try:
-        process.detach([sock.fileno()], readiness=pipe, stderr=sys.stderr)
-        return _supervise(sock, owned, spec, policy, cfg, daemon_log(), on_ready=ready)
+        process.detach([sock.fileno()], readiness=pipe)
+        return _supervise(sock, owned, spec, policy, cfg, daemon_log(), on_ready=pipe.ready)
+    except CrashLoopError as error:
+        # Detached workers write to /dev/null (a daemon must not keep the user's terminal):
+        # point at the one way to see what they said.
+        error.hint = "start it in the foreground with -n to see what the workers print"
+        pipe.fail(str(error), error.exit_code)
+        raise
     except FcgiSpawnError as error:
-        _stderr_to_devnull()  # the waiting foreground process prints the error, once
         pipe.fail(str(error), error.exit_code)
         raise
     except BaseException as error:
-        _stderr_to_devnull()
         pipe.fail(f"internal error: {error!r}", 1)  # never leave the waiter hanging
         raise
     finally:
         pipe.close()
-
-
-def _stderr_to_devnull() -> None:
-    """Detach fd 2 (and so later workers' stderr) from the terminal the user started us on."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-    finally:
-        os.close(devnull)
 
 
 class _Exit(FcgiSpawnError):
