@@ -7,6 +7,7 @@ in the help epilog and the man page.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import syslog
@@ -45,8 +46,13 @@ Exit status: 0 success, 1 runtime failure, 2 usage error.
 def _stderr_log(message: str) -> None:
     # One write per line: print() writes text and newline separately, and workers share the
     # supervisor's stderr, so their lines would interleave mid-line.
-    sys.stderr.write(f"fcgispawn[{os.getpid()}]: {message}\n")
-    sys.stderr.flush()
+    # FastCGI's initial state (spec 2) has stdout and stderr closed: Python then has no
+    # sys.stderr, and logging must never be what stops a worker.
+    if sys.stderr is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"fcgispawn[{os.getpid()}]: {message}\n")
+        sys.stderr.flush()
 
 
 def _daemon_log() -> Log:

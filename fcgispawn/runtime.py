@@ -68,8 +68,13 @@ NOFILE_TARGET = 65536
 def _stderr_log(message: str) -> None:
     # One write per line: print() writes the text and the newline separately, so lines from
     # two pool threads could interleave.
-    sys.stderr.write(f"fcgispawn[{os.getpid()}]: {message}\n")
-    sys.stderr.flush()
+    # FastCGI's initial state (spec 2) has stdout and stderr closed: Python then has no
+    # sys.stderr, and logging must never be what stops a worker.
+    if sys.stderr is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"fcgispawn[{os.getpid()}]: {message}\n")
+        sys.stderr.flush()
 
 
 def find_listener() -> socket.socket:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import fcgispawn_argv
+from tests.procs import ProcessGroup, fcgispawn_argv
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -108,3 +108,47 @@ def test_detaching_mode_reports_a_crash_loop_before_returning(sockdir: Path) -> 
     )
     assert_one_clear_line(proc, 1, "workers keep dying")
     assert not (sockdir / "a.sock").exists()
+
+
+def test_wsgi_worker_with_stdout_and_stderr_closed_serves_and_stops_cleanly(
+    sockdir: Path, procs: ProcessGroup
+) -> None:
+    """FastCGI's initial state (spec section 2): the listener on fd 0, stdout and stderr closed.
+
+    Python then has no sys.stderr; logging (e.g. the stop message) must not turn a clean stop
+    into a failure.
+    """
+    import signal
+    import socket
+
+    from fcgispawn.client import FastCGIClient
+    from tests.procs import REPO
+
+    path = sockdir / "closed.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(16)
+
+        # The shell closes fds 1 and 2 and execs: no preexec_fn (unsafe with threads).
+        proc = subprocess.Popen(
+            [
+                "/bin/sh",
+                "-c",
+                'exec "$@" >&- 2>&-',
+                "sh",
+                *fcgispawn_argv(),
+                "--wsgi",
+                "tests.apps.wsgi_apps:app",
+            ],
+            stdin=listener.fileno(),
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            start_new_session=True,
+        )
+    procs.procs.append(proc)
+    response = FastCGIClient(path, timeout=20).request(
+        {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": "/hello"}
+    )
+    assert response.body == b"Hello, World!"
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(20) == 0
