@@ -35,14 +35,17 @@ from bench import common
 from bench.common import BENCH, REPO, VENV_BIN, log
 
 HELLO = b"Hello, World!"
-PEERS = ("fcgispawn", "uwsgi")
+PEERS = ("fcgispawn", "fcgispawn-no-preload", "uwsgi")
+#: /proc/PID/comm of fcgispawn's preload template (fcgispawn.template.TEMPLATE_COMM).
+TEMPLATE_COMM = b"fcgispawn-tmpl"
 
 
 EXTRA_ARGS: list[str] = []
 
 
 def argv_for(name: str, sock: Path, workers: int) -> list[str]:
-    if name == "fcgispawn":
+    if name.startswith("fcgispawn"):
+        preload = ["--no-preload"] if name == "fcgispawn-no-preload" else []
         return [
             str(VENV_BIN / "fcgispawn"),
             "-n",
@@ -52,6 +55,7 @@ def argv_for(name: str, sock: Path, workers: int) -> list[str]:
             str(workers),
             "--wsgi",
             "bench.apps:app",
+            *preload,
             *EXTRA_ARGS,
         ]
     return [
@@ -106,8 +110,29 @@ def start(
     return launched, sock
 
 
+def _is_template(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_bytes().rstrip(b"\n") == TEMPLATE_COMM
+    except OSError:
+        return False
+
+
+def templates_of(launched: common.Launched) -> set[int]:
+    """fcgispawn's preload template(s): neither supervisor nor worker."""
+    return {pid for pid in launched.pids() if _is_template(pid)}
+
+
 def workers_of(launched: common.Launched) -> set[int]:
-    return launched.pids() - {launched.proc.pid}
+    return launched.pids() - {launched.proc.pid} - templates_of(launched)
+
+
+def wait_workers(launched: common.Launched, count: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len({p for p in workers_of(launched) if common.is_alive(p)}) >= count:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 # ---- idle wakeups --------------------------------------------------------------------------------
@@ -121,6 +146,12 @@ class Idle:
     worker_rates: list[float]
     supervisor_pss: int
     worker_pss: list[int]
+    template_pss: int  # fcgispawn's preload template; 0 for the others
+
+    def total_per_worker(self) -> float:
+        """Everything the backend holds (master/supervisor and template too) per worker."""
+        total = self.supervisor_pss + self.template_pss + sum(self.worker_pss)
+        return total / max(1, len(self.worker_pss))
 
 
 def pss_kib(pid: int) -> int:
@@ -138,7 +169,7 @@ def idle_wakeups(procs: common.Processes, name: str, workdir: Path, seconds: flo
     try:
         if not common.wait_serving(sock, launched, HELLO, 30.0):
             return "did not serve: " + launched.log_tail(3).replace("\n", " ")
-        common.wait_procs(launched, 3, 10.0)
+        wait_workers(launched, 2, 10.0)
         time.sleep(2.0)  # let start-up settle
         sup = launched.proc.pid
         workers = sorted(workers_of(launched))
@@ -149,7 +180,11 @@ def idle_wakeups(procs: common.Processes, name: str, workdir: Path, seconds: flo
         for _ in range(200):
             common.fastcgi_get(str(sock))
         return Idle(
-            rate[sup], [rate[w] for w in workers], pss_kib(sup), [pss_kib(w) for w in workers]
+            rate[sup],
+            [rate[w] for w in workers],
+            pss_kib(sup),
+            [pss_kib(w) for w in workers],
+            sum(pss_kib(t) for t in templates_of(launched)),
         )
     finally:
         procs.stop(launched)
@@ -167,7 +202,7 @@ def replacement_times(
     try:
         if not common.wait_serving(sock, launched, HELLO, 30.0):
             return "did not serve: " + launched.log_tail(3).replace("\n", " ")
-        common.wait_procs(launched, 2, 10.0)
+        wait_workers(launched, 1, 10.0)
         for i in range(kills):
             workers = workers_of(launched)
             if len(workers) != 1:
@@ -295,10 +330,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {name} | idle wakeups/s, supervisor (master) | {idle.supervisor_rate:.1f} "
                     f"(workers: {', '.join(f'{w:.1f}' for w in idle.worker_rates)}) |"
                 )
+                template = idle.template_pss / 1024
                 lines.append(
                     f"| {name} | PSS after 200 requests, supervisor (master) | "
                     f"{idle.supervisor_pss / 1024:.1f} MiB (workers: "
-                    f"{', '.join(f'{w / 1024:.1f}' for w in idle.worker_pss)} MiB) |"
+                    f"{', '.join(f'{w / 1024:.1f}' for w in idle.worker_pss)} MiB"
+                    + (f"; template {template:.1f} MiB" if template else "")
+                    + f"); all processes / workers: {idle.total_per_worker() / 1024:.1f} MiB |"
                 )
             log(f"{name}: {args.kills} x kill -9 of the only worker")
             times = replacement_times(procs, name, workdir, args.kills, args.interval)

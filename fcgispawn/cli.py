@@ -275,6 +275,13 @@ def _options(params: dict[str, Any]) -> Options:
     help="End a --wsgi worker (exit 124, replaced) whose app call runs longer (0: no limit).",
 )
 @click.option(
+    "--preload/--no-preload",
+    default=True,
+    show_default=True,
+    help="Fork --wsgi workers from one process that imported the app (a reload still "
+    "loads new code); --no-preload starts each worker afresh, for apps not safe to fork.",
+)
+@click.option(
     "--web-server-addrs",
     metavar="LIST",
     help="Comma-separated peer addresses allowed on TCP.  [default: $FCGI_WEB_SERVER_ADDRS]",

@@ -64,6 +64,7 @@ class Options:
     max_requests_jitter: int = 0
     request_timeout: float = 0.0
     web_server_addrs: str | None = None
+    preload: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,8 @@ class SpawnConfig:
     crash_window: float
     backoff_max: float
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: --wsgi workers are forked from a preloaded template (supervisor.py, template.py).
+    preload: bool = True
 
     @property
     def inherited(self) -> bool:
@@ -276,6 +279,7 @@ def build(opts: Options) -> SpawnConfig:
         crash_window=opts.crash_window,
         backoff_max=opts.backoff_max,
         extra_env=extra_env,
+        preload=opts.preload,
     )
 
 

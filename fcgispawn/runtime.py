@@ -42,6 +42,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
@@ -50,6 +51,7 @@ from typing import Any
 from fcgispawn import sockets, systemd
 from fcgispawn.errors import AppImportError, ConfigError, SocketError
 from fcgispawn.server import EXIT_REQUEST_TIMEOUT, MAX_IDLE_CONNS, MAX_PENDING_CONNS, Server
+from fcgispawn.template import TEMPLATE_FD_ENV, become_template
 from fcgispawn.wsgi import WSGIApplication, WSGIAppLoadError, load_app
 
 __all__ = ["NO_SOCKET_MESSAGE", "find_listener", "run", "serve"]
@@ -244,8 +246,13 @@ def run(
     overruns ``request_timeout`` ends the process with status 124 (EXIT_REQUEST_TIMEOUT).
     """
     sock = listener if listener is not None else find_listener()
+    template_fd = _template_fd()
     raise_nofile_limit(threads, log)
     app = import_app(app_spec)
+    if template_fd is not None:
+        # Under the supervisor's preload mode this process is the template: it forks the
+        # workers, and only they come back from here (template.py).
+        become_template(template_fd, log)
     return _serve_app(
         app,
         sock,
@@ -259,6 +266,23 @@ def run(
         log=log,
         exit_on_request_timeout=True,
     )
+
+
+def _template_fd() -> int | None:
+    """The control fd the supervisor passed (preload mode), taken out of the environment."""
+    value = os.environ.pop(TEMPLATE_FD_ENV, None)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise ConfigError(f"{TEMPLATE_FD_ENV}={value!r} is not an fd number")
+    fd = int(value)
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        is_socket = False
+    if not is_socket:
+        raise ConfigError(f"{TEMPLATE_FD_ENV}={fd} is not an open socket")
+    return fd
 
 
 def serve(

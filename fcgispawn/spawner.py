@@ -135,6 +135,8 @@ def spawn(cfg: SpawnConfig, *, log: Log, say: Log, daemon_log: Callable[[], Log]
         # The built-in runtime says READY=1 once it serves, so a reload of a slow-starting
         # app keeps the old workers until the new ones really answer.
         readiness=Readiness.NOTIFY if cfg.runtime is not None else Readiness.SETTLE,
+        # Only the built-in runtime speaks template.py's fork protocol.
+        template=cfg.runtime is not None and cfg.preload,
     )
     policy = Policy(
         workers=cfg.workers,

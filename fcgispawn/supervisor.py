@@ -86,6 +86,7 @@ from typing import Final, NoReturn, assert_never
 from fcgispawn import systemd
 from fcgispawn.errors import CrashLoopError, FcgiSpawnError, ProcessError
 from fcgispawn.process import Credentials, drop_privileges, reset_child_state
+from fcgispawn.template import ERROR_PREFIX, FORK, PID_PREFIX, READY, TEMPLATE_FD_ENV
 
 __all__ = [
     "CrashWindow",
@@ -124,7 +125,13 @@ _SUPERVISOR_ONLY_ENV: Final = frozenset(
 )
 
 _SD_LISTEN_FDS_START: Final = 3
+#: Where a template finds its end of the control socket (after fd 0 or fd 3, the listener).
+_TEMPLATE_CTL_FD: Final = 4
+#: The longest the supervisor waits for a template to answer one fork request; a template
+#: that does not answer in time is killed and started anew.
+_TEMPLATE_REPLY_TIMEOUT: Final = 5.0
 _PR_SET_PDEATHSIG: Final = 1
+_PR_SET_CHILD_SUBREAPER: Final = 36
 #: How long to keep waiting for a worker that was sent SIGKILL before forgetting it (a process
 #: stuck in uninterruptible sleep must not keep the supervisor from ever exiting).
 _ABANDON_AFTER_KILL: Final = 5.0
@@ -159,6 +166,9 @@ class WorkerSpec:
     chroot: str | None = None
     chdir: str | None = None
     readiness: Readiness = Readiness.SETTLE
+    #: The program can be a fork template (template.py's protocol): it is started once per
+    #: generation with TEMPLATE_FD_ENV set, and every worker is forked from it.
+    template: bool = False
 
     def __post_init__(self) -> None:
         if not self.argv or not self.argv[0]:
@@ -367,6 +377,23 @@ class _Slot:
     successor: _Worker | None = None  # during a reload
     restart_at: float | None = None
     restarts: int = 0
+    #: Preload mode: a worker (or successor) is wanted but its template is not up yet.
+    awaiting: bool = False
+    awaiting_successor: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Template:
+    """A preloaded process the workers of one generation are forked from (template.py)."""
+
+    pid: int
+    generation: int
+    started: float  # monotonic
+    ctl: socket.socket  # the supervisor's end of the control socketpair
+    up: bool = False  # said ``ready``
+    stopping: bool = False
+    kill_at: float | None = None
+    abandon_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -400,6 +427,11 @@ class _Prctl:
         if self._fn is None:
             return False
         return self._fn(_PR_SET_PDEATHSIG, ctypes.c_ulong(signum), 0, 0, 0) == 0
+
+    def set_child_subreaper(self) -> bool:
+        if self._fn is None:
+            return False
+        return self._fn(_PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1), 0, 0, 0) == 0
 
 
 class Supervisor:
@@ -440,6 +472,15 @@ class Supervisor:
         #: How long a STARTING worker waits to count as up without a READY=1.
         self._settle = policy.ready_timeout if spec.readiness is Readiness.NOTIFY else policy.settle
         self._child_env = {k: v for k, v in spec.env.items() if k not in _SUPERVISOR_ONLY_ENV}
+        # Preload mode (spec.template): the template of the running generation, the one being
+        # started by a reload, and when to start the running generation's anew after it died.
+        self._use_template = spec.template
+        self._templates: dict[int, _Template] = {}
+        self._template: _Template | None = None
+        self._next_template: _Template | None = None
+        self._template_delay = policy.backoff_initial
+        self._template_restart_at: float | None = None
+        self._sel: selectors.BaseSelector | None = None
         if spec.pass_mode is PassMode.SYSTEMD:
             systemd.listen_env([spec.fdname], pid=0)  # SocketError now, not in every child
         # O_NONBLOCK lives in the open file description the workers share: a listener left
@@ -490,11 +531,15 @@ class Supervisor:
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
-        sel = selectors.DefaultSelector()
+        sel = self._sel = selectors.DefaultSelector()
         sel.register(wake_r, selectors.EVENT_READ)
         if self._spec.readiness is Readiness.NOTIFY:
             self._notify_sock = self._open_ready_socket()
             sel.register(self._notify_sock, selectors.EVENT_READ)
+        if self._use_template and not self._prctl.set_child_subreaper():
+            # Forked workers could not be re-parented to us, so we could not reap them.
+            self._log("cannot become a child subreaper: starting every worker by exec")
+            self._use_template = False
         try:
             with self._signals_to(wake_w):
                 try:
@@ -504,6 +549,8 @@ class Supervisor:
                         for key, _ in sel.select(timeout):
                             if key.fileobj is wake_r:
                                 self._dispatch(self._drain(wake_r))
+                            elif isinstance(key.data, _Template):
+                                self._template_message(key.data)
                             else:
                                 self._read_ready_messages()
                         self._reap()
@@ -514,6 +561,9 @@ class Supervisor:
                     raise
         finally:
             sel.close()
+            self._sel = None
+            for template in self._templates.values():
+                template.ctl.close()
             wake_r.close()
             wake_w.close()
             if self._notify_sock is not None:
@@ -546,10 +596,15 @@ class Supervisor:
             self._watchdog_interval = usec / 2_000_000
             self._watchdog_next = time.monotonic()
         self._generation = 1
+        preload = ", forked from a preloaded template" if self._use_template else ""
         self._log(
             f"supervisor {os.getpid()} starting {self._target} worker(s): "
-            f"{' '.join(self._spec.argv)} (socket on {self._pass_label()})"
+            f"{' '.join(self._spec.argv)} (socket on {self._pass_label()}{preload})"
         )
+        if self._use_template:
+            self._template = self._start_template(self._generation)
+            if self._template is None:  # exec failure: already given up
+                return
         for _ in range(self._target):
             slot = self._new_slot()
             self._spawn_into(slot)
@@ -574,26 +629,58 @@ class Supervisor:
     # spawning
 
     def _spawn_into(self, slot: _Slot, *, successor: bool = False) -> None:
-        """Spawns a worker for ``slot`` (or its successor); handles an exec failure."""
+        """Spawns a worker for ``slot`` (or its successor); handles an exec failure.
+
+        In preload mode the worker is forked by its generation's template; while that template
+        is not up yet, the slot is marked as awaiting and filled when it says ``ready``.
+        """
         slot.restart_at = None
-        result = self._spawn(slot)
+        result: _Worker | _ChildFailure
+        if self._use_template:
+            template = self._next_template if successor else self._template
+            if template is None or not template.up:
+                self._await_template(slot, successor=successor)
+                return
+            forked = self._fork_from(template)
+            if isinstance(forked, _ChildFailure):
+                # The template misbehaves (gone, or no answer): replace it; the slot waits.
+                self._log(f"template {template.pid}: {forked.message}; starting it anew")
+                self._signal_pid(template.pid, signal.SIGKILL)
+                template.up = False
+                self._await_template(slot, successor=successor)
+                return
+            result = self._register(forked, slot, template.generation, template.pid)
+        else:
+            spawned = self._fork_exec(None)
+            result = (
+                spawned
+                if isinstance(spawned, _ChildFailure)
+                else self._register(spawned, slot, self._generation, None)
+            )
         if isinstance(result, _Worker):
             if successor:
                 slot.successor = result
+                slot.awaiting_successor = False
             else:
                 slot.worker = result
+                slot.awaiting = False
             return
         reason = self._failure_text(result)
         self._last_exit = reason
         self._log(f"worker for slot {slot.index} failed to start: {reason}")
         if self._phase is Phase.STARTING:
-            # Deterministic (missing binary, bad chroot): retrying only delays the message.
-            hint = "check COMMAND and PATH (inside --chroot)" if result.stage == "exec" else None
-            self._fail(ProcessError(reason, hint=hint))
+            self._fail(self._start_error(result, reason))
         elif self._phase is Phase.RELOADING and successor:
             self._abort_reload(reason)
         else:
             self._crashed(slot, f"start failure ({reason})")
+
+    @staticmethod
+    def _start_error(failure: _ChildFailure, reason: str) -> ProcessError:
+        """A failure before the first generation is up is final (missing binary, bad chroot):
+        retrying only delays the message."""
+        hint = "check COMMAND and PATH (inside --chroot)" if failure.stage == "exec" else None
+        return ProcessError(reason, hint=hint)
 
     def _failure_text(self, failure: _ChildFailure) -> str:
         match failure.stage:
@@ -604,8 +691,29 @@ class Supervisor:
             case _:
                 return f"cannot start worker ({failure.stage}): {failure.message}"
 
-    def _spawn(self, slot: _Slot) -> _Worker | _ChildFailure:
-        """fork + exec, reporting pre-exec failures through a CLOEXEC pipe.
+    @staticmethod
+    def _await_template(slot: _Slot, *, successor: bool) -> None:
+        """The slot's worker (or successor) is forked once its template says ready."""
+        if successor:
+            slot.awaiting_successor = True
+        else:
+            slot.awaiting = True
+
+    def _register(self, pid: int, slot: _Slot, generation: int, template: int | None) -> _Worker:
+        worker = _Worker(
+            pid=pid,
+            generation=generation,
+            started=time.monotonic(),
+            started_wall=time.time(),
+            slot=slot,
+        )
+        self._workers[pid] = worker
+        origin = f", forked from template {template}" if template is not None else ""
+        self._log(f"worker {pid} started (slot {slot.index}, generation {generation}{origin})")
+        return worker
+
+    def _fork_exec(self, ctl: socket.socket | None) -> int | _ChildFailure:
+        """fork + exec, reporting pre-exec failures through a CLOEXEC pipe; returns the pid.
 
         The pipe's write end closes on a successful exec, so the parent reads EOF; on failure
         the child writes ``stage\\0errno\\0message`` first. All signals are blocked across
@@ -624,7 +732,7 @@ class Supervisor:
             return _ChildFailure("fork", exc.errno or 0, str(exc))
         if pid == 0:
             os.close(err_r)
-            self._child(err_w, parent)
+            self._child(err_w, parent, ctl)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(err_w)
         try:
@@ -640,18 +748,9 @@ class Supervisor:
             stage, _, rest = data.decode("utf-8", "replace").partition("\0")
             num, _, message = rest.partition("\0")
             return _ChildFailure(stage, int(num) if num.isdigit() else 0, message)
-        worker = _Worker(
-            pid=pid,
-            generation=self._generation,
-            started=time.monotonic(),
-            started_wall=time.time(),
-            slot=slot,
-        )
-        self._workers[pid] = worker
-        self._log(f"worker {pid} started (slot {slot.index}, generation {self._generation})")
-        return worker
+        return pid
 
-    def _child(self, err_w: int, parent: int) -> NoReturn:
+    def _child(self, err_w: int, parent: int, ctl: socket.socket | None) -> NoReturn:
         """Runs in the forked child: hand over the socket, reset state, drop privileges, exec.
 
         Never returns and never raises: every failure is written to the error pipe and the
@@ -665,6 +764,9 @@ class Supervisor:
             for sig in HANDLED_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             err_fd = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, _CHILD_ERRFD_MIN)
+            ctl_fd = None
+            if ctl is not None:  # moved out of the way of fds 0 and 3, placed after them
+                ctl_fd = fcntl.fcntl(ctl.fileno(), fcntl.F_DUPFD_CLOEXEC, _CHILD_ERRFD_MIN)
             listen_fd = self._listener.fileno()
             keep = [err_fd]
             match self._spec.pass_mode:
@@ -682,10 +784,15 @@ class Supervisor:
                     keep.append(_SD_LISTEN_FDS_START)
                 case _ as unreachable:
                     assert_never(unreachable)
+            if ctl_fd is not None:
+                os.dup2(ctl_fd, _TEMPLATE_CTL_FD)  # inheritable: dup2 clears FD_CLOEXEC
+                keep.append(_TEMPLATE_CTL_FD)
             stage = "reset"
             reset_child_state(keep)
             os.set_inheritable(err_fd, False)  # reset_child_state makes kept fds inheritable
             env = dict(self._child_env)
+            if ctl_fd is not None:
+                env[TEMPLATE_FD_ENV] = str(_TEMPLATE_CTL_FD)
             if self._spec.pass_mode is PassMode.SYSTEMD:
                 # LISTEN_PID must be our own pid, known only after fork.
                 env.update(systemd.listen_env([self._spec.fdname]))
@@ -707,6 +814,155 @@ class Supervisor:
             with contextlib.suppress(BaseException):
                 os.write(err_fd, f"{stage}\0{num}\0{msg}".encode("utf-8", "replace"))
         os._exit(127)
+
+    # ----------------------------------------------------------------------------------------
+    # preload mode: templates (template.py has the other side and the why)
+
+    def _start_template(self, generation: int) -> _Template | None:
+        """Exec a template for ``generation``; None after an exec failure (already handled)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            result = self._fork_exec(theirs)
+        finally:
+            theirs.close()
+        if isinstance(result, _ChildFailure):
+            ours.close()
+            reason = self._failure_text(result)
+            self._last_exit = reason
+            self._log(f"template failed to start: {reason}")
+            if self._phase is Phase.STARTING:
+                self._fail(self._start_error(result, reason))
+            elif self._phase is Phase.RELOADING and generation > self._current_generation():
+                self._abort_reload(reason)
+            else:
+                self._template_failed(None, f"start failure ({reason})", crashed=True)
+            return None
+        ours.settimeout(_TEMPLATE_REPLY_TIMEOUT)
+        template = _Template(pid=result, generation=generation, started=time.monotonic(), ctl=ours)
+        self._templates[result] = template
+        if self._sel is not None:
+            self._sel.register(ours, selectors.EVENT_READ, template)
+        self._log(f"template {result} started (generation {generation}): importing the app")
+        return template
+
+    def _current_generation(self) -> int:
+        """The generation the running workers belong to (a reload's successors are newer)."""
+        if self._phase is Phase.RELOADING:
+            return self._generation - 1
+        return self._generation
+
+    def _template_message(self, template: _Template) -> None:
+        """The one unsolicited message a template sends: ``ready`` (or EOF: it died)."""
+        try:
+            message = template.ctl.recv(64)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return
+        except OSError:
+            message = b""
+        self._unwatch(template)
+        if message != READY or template.stopping:
+            return  # EOF: the exit status follows through SIGCHLD
+        template.up = True
+        self._log(f"template {template.pid} ready after {time.monotonic() - template.started:.2f}s")
+        self._feed_awaiting()
+
+    def _unwatch(self, template: _Template) -> None:
+        if self._sel is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(template.ctl)
+
+    def _feed_awaiting(self) -> None:
+        """Forks the workers that slots have been waiting for, from templates now up."""
+        for slot in list(self._slots):
+            if self._stopping():
+                return
+            if slot.awaiting and self._template is not None and self._template.up:
+                slot.awaiting = False
+                if slot.worker is None:
+                    self._spawn_into(slot)
+            nxt = self._next_template
+            if slot.awaiting_successor and nxt is not None and nxt.up:
+                slot.awaiting_successor = False
+                if slot.successor is None and self._phase is Phase.RELOADING:
+                    self._spawn_into(slot, successor=True)
+
+    def _fork_from(self, template: _Template) -> int | _ChildFailure:
+        """Asks ``template`` for one worker; its pid, or why not. Blocks for one round trip
+        (a fork: about a millisecond); a template that does not answer in time is dropped."""
+        try:
+            template.ctl.send(FORK)
+            reply = template.ctl.recv(256)
+        except TimeoutError:
+            return _ChildFailure("template", errno_mod.ETIMEDOUT, "no answer to a fork request")
+        except OSError as exc:
+            return _ChildFailure("template", exc.errno or 0, f"control socket: {exc}")
+        if reply.startswith(PID_PREFIX) and reply[len(PID_PREFIX) :].isdigit():
+            return int(reply[len(PID_PREFIX) :])
+        if reply.startswith(ERROR_PREFIX):
+            text = reply[len(ERROR_PREFIX) :].decode("utf-8", "replace")
+            return _ChildFailure("template", 0, text)
+        if not reply:
+            return _ChildFailure("template", 0, "it exited")
+        return _ChildFailure("template", 0, f"unexpected answer {reply[:32]!r}")
+
+    def _template_exited(self, template: _Template, status: int) -> None:
+        self._unwatch(template)
+        template.ctl.close()
+        now = time.monotonic()
+        lifetime = now - template.started
+        reason = describe_exit(status)
+        desc = f"template {template.pid} {reason} after {lifetime:.2f}s"
+        if template.stopping or self._stopping():
+            self._log(f"{desc} (stopped)")
+            return
+        self._last_exit = f"{reason} (template {template.pid})"
+        if template is self._next_template:
+            self._next_template = None
+            self._log(f"{desc} during reload")
+            self._abort_reload(f"new template {template.pid} {reason} after {lifetime:.2f}s")
+            return
+        if template is not self._template:
+            self._log(desc)
+            return
+        self._template = None
+        self._log(desc)
+        self._template_failed(template, self._last_exit, crashed=not template.up)
+
+    def _template_failed(self, template: _Template | None, reason: str, *, crashed: bool) -> None:
+        """The running generation's template is gone: start another, as for a worker slot."""
+        now = time.monotonic()
+        initial = self._policy.backoff_initial
+        if crashed:  # never got up: a startup failure, as for a worker (counts, backs off)
+            if self._count_crash(reason):
+                return
+            delay = self._template_delay
+            self._template_delay = next_backoff(delay, self._policy)
+        elif template is not None and now - template.started >= self._policy.reset_after:
+            delay = 0.0  # lived long: a lone failure, start over with a clean backoff
+            self._template_delay = initial
+        else:  # was up and died young (kill -9, OOM): at once, backing off only on repeats
+            delay = 0.0 if self._template_delay <= initial else self._template_delay
+            self._template_delay = next_backoff(self._template_delay, self._policy)
+        self._template_restart_at = now + delay
+        self._log(f"starting a new template in {delay:.2f}s")
+
+    def _restart_template(self) -> None:
+        self._template_restart_at = None
+        template = self._start_template(self._current_generation())
+        if template is not None:
+            self._template = template
+
+    def _stop_template(self, template: _Template, timeout: float) -> None:
+        """TERM a template (it serves nothing, so it ends at once) and arm its KILL."""
+        self._unwatch(template)
+        if not template.stopping:
+            template.stopping = True
+            self._signal_pid(template.pid, signal.SIGTERM)
+            template.kill_at = time.monotonic() + timeout
+        if template is self._template:
+            self._template = None
+        if template is self._next_template:
+            self._next_template = None
 
     # ----------------------------------------------------------------------------------------
     # readiness notifications from workers (Readiness.NOTIFY)
@@ -793,6 +1049,13 @@ class Supervisor:
                 deadlines.append(worker.kill_at)
             if worker.abandon_at is not None:
                 deadlines.append(worker.abandon_at)
+        for template in self._templates.values():
+            if template.kill_at is not None:
+                deadlines.append(template.kill_at)
+            if template.abandon_at is not None:
+                deadlines.append(template.abandon_at)
+        if self._template_restart_at is not None:
+            deadlines.append(self._template_restart_at)
         if self._watchdog_next is not None:
             deadlines.append(self._watchdog_next)
         if not deadlines:
@@ -820,8 +1083,19 @@ class Supervisor:
             elif worker.abandon_at is not None and now >= worker.abandon_at:
                 self._log(f"worker {worker.pid} did not die after SIGKILL; no longer waiting")
                 self._workers.pop(worker.pid, None)
+        for template in list(self._templates.values()):
+            if template.kill_at is not None and now >= template.kill_at:
+                self._signal_pid(template.pid, signal.SIGKILL)
+                template.kill_at = None
+                template.abandon_at = now + _ABANDON_AFTER_KILL
+            elif template.abandon_at is not None and now >= template.abandon_at:
+                self._log(f"template {template.pid} did not die after SIGKILL; no longer waiting")
+                self._templates.pop(template.pid, None)
+                template.ctl.close()
         if self._stopping():
             return
+        if self._template_restart_at is not None and now >= self._template_restart_at:
+            self._restart_template()
         for slot in list(self._slots):
             if self._stopping():  # a failed restart may have just given up
                 break
@@ -840,7 +1114,7 @@ class Supervisor:
                 if self._all_up(successors=True):
                     self._commit_reload()
             case Phase.STOPPING:
-                if not self._workers:
+                if not self._workers and not self._templates:
                     self._move(Phase.STOPPED)
                     self._log("all workers stopped")
             case Phase.RUNNING | Phase.STOPPED:
@@ -850,6 +1124,8 @@ class Supervisor:
 
     def _all_up(self, *, successors: bool) -> bool:
         for slot in self._slots:
+            if slot.awaiting_successor if successors else slot.awaiting:
+                return False  # its template is not up yet
             worker = slot.successor if successors else slot.worker
             if successors and worker is None and slot.worker is not None:
                 continue  # cannot happen after _begin_reload, but a slot with a worker is fine
@@ -871,6 +1147,10 @@ class Supervisor:
             worker = self._workers.pop(pid, None)
             if worker is not None:
                 self._exited(worker, status)
+            template = self._templates.pop(pid, None)
+            if template is not None:
+                self._template_exited(template, status)
+            # Anything else is an orphan re-parented to us as subreaper: reaped, nothing more.
 
     def _exited(self, worker: _Worker, status: int) -> None:
         now = time.monotonic()
@@ -937,9 +1217,9 @@ class Supervisor:
             self._log(f"{desc}; replacing it in {slot.delay:.2f}s")
         slot.delay = next_backoff(slot.delay, self._policy)
 
-    def _crashed(self, slot: _Slot, reason: str) -> None:
-        now = time.monotonic()
-        count = self._crashes.record(now)
+    def _count_crash(self, reason: str) -> bool:
+        """Records a startup failure; True if that makes a crash loop (and we gave up)."""
+        count = self._crashes.record(time.monotonic())
         if count >= self._policy.crash_limit:
             self._fail(
                 CrashLoopError(
@@ -948,7 +1228,13 @@ class Supervisor:
                     hint="run the COMMAND by hand to see why it exits",
                 )
             )
+            return True
+        return False
+
+    def _crashed(self, slot: _Slot, reason: str) -> None:
+        if self._count_crash(reason):
             return
+        now = time.monotonic()
         slot.restart_at = now + slot.delay
         self._log(f"restarting slot {slot.index} in {slot.delay:.2f}s")
         slot.delay = next_backoff(slot.delay, self._policy)
@@ -991,6 +1277,13 @@ class Supervisor:
         self._log(
             f"reloading: starting {len(self._slots)} new worker(s) (generation {self._generation})"
         )
+        if self._use_template:
+            # A fresh template, exec'd anew: this is what makes a reload load new code.
+            if self._next_template is not None:
+                self._stop_template(self._next_template, self._policy.fast_timeout)
+            self._next_template = self._start_template(self._generation)
+            if self._next_template is None:
+                return  # the reload was aborted
         for slot in self._slots:
             if self._phase is not Phase.RELOADING:
                 return  # aborted by an exec failure
@@ -1008,6 +1301,14 @@ class Supervisor:
             slot.worker = slot.successor
             slot.successor = None
             slot.restart_at = None
+            slot.awaiting = slot.awaiting_successor = False
+        if self._use_template:
+            old_template, self._template = self._template, self._next_template
+            self._next_template = None
+            if old_template is not None:
+                self._stop_template(old_template, self._policy.fast_timeout)
+            self._template_restart_at = None
+            self._template_delay = self._policy.backoff_initial
         self._move(Phase.RUNNING)
         new = [s.worker.pid for s in self._slots if s.worker is not None]
         self._log(f"reload done: new workers {new}, draining {old}")
@@ -1019,6 +1320,8 @@ class Supervisor:
             return
         self._log(f"reload aborted: {reason}; keeping the running workers")
         self._drop_successors()
+        if self._next_template is not None:
+            self._stop_template(self._next_template, self._policy.fast_timeout)
         for slot in self._slots:
             if slot.worker is None and slot.restart_at is None:
                 self._restart_now(slot)
@@ -1028,6 +1331,7 @@ class Supervisor:
     def _drop_successors(self) -> None:
         """Ends the pending hand-over: successors drain, unless one is all its slot has."""
         for slot in self._slots:
+            slot.awaiting_successor = False
             successor = slot.successor
             if successor is None:
                 continue
@@ -1087,8 +1391,12 @@ class Supervisor:
         )
         for slot in self._slots:
             slot.restart_at = None
+            slot.awaiting = slot.awaiting_successor = False
+        self._template_restart_at = None
         for worker in list(self._workers.values()):
             self._stop_worker(worker, timeout)
+        for template in list(self._templates.values()):
+            self._stop_template(template, min(timeout, self._policy.fast_timeout))
 
     def _stop_worker(self, worker: _Worker, timeout: float) -> None:
         """TERM a worker (once) and arm its KILL deadline (only ever moved earlier)."""
@@ -1105,20 +1413,24 @@ class Supervisor:
         Bounded (a process in uninterruptible sleep is left behind after a few seconds) and
         polling, which is fine here: this runs once, on the way out.
         """
-        for worker in self._workers.values():
-            self._signal(worker, signal.SIGKILL)
+        pending = set(self._workers) | set(self._templates)
+        for pid in pending:
+            self._signal_pid(pid, signal.SIGKILL)
         deadline = time.monotonic() + _ABANDON_AFTER_KILL
-        while self._workers and time.monotonic() < deadline:
-            for pid in list(self._workers):
+        while pending and time.monotonic() < deadline:
+            for pid in list(pending):
                 try:
                     done, _ = os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:
                     done = pid
                 if done:
-                    del self._workers[pid]
-            if self._workers:
+                    pending.discard(pid)
+            if pending:
                 time.sleep(0.01)
         self._workers.clear()
+        for template in self._templates.values():
+            template.ctl.close()
+        self._templates.clear()
 
     # ----------------------------------------------------------------------------------------
     # helpers
@@ -1130,9 +1442,13 @@ class Supervisor:
             self._user_log(message)
 
     def _signal(self, worker: _Worker, signum: int) -> None:
+        self._signal_pid(worker.pid, signum)
+
+    @staticmethod
+    def _signal_pid(pid: int, signum: int) -> None:
         # The pid cannot have been reused: it stays a zombie until we reap it.
         with contextlib.suppress(ProcessLookupError):
-            os.kill(worker.pid, signum)
+            os.kill(pid, signum)
 
     def _stopping(self) -> bool:
         return self._phase in (Phase.STOPPING, Phase.STOPPED)

@@ -14,6 +14,8 @@ PKG = Path(__file__).resolve().parent.parent / "fcgispawn"
 #:   exec, and process.py owns those process-wide changes.
 #: - spawner: the wiring between cli and supervisor (bind, identities, detach, pid file), kept
 #:   out of cli.py so that cli.py stays parsing and printing only.
+#: - template: preload mode's fork protocol. The worker side runs in the runtime (which forks
+#:   workers from a process that imported the app); the supervisor imports only its constants.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "protocol": set(),
@@ -22,9 +24,10 @@ ALLOWED: dict[str, set[str]] = {
     "systemd": {"errors"},
     "process": {"errors"},
     "config": {"sockets", "errors"},
-    "supervisor": {"sockets", "systemd", "process", "errors"},
+    "template": set(),
+    "supervisor": {"sockets", "systemd", "process", "template", "errors"},
     "server": {"protocol", "wsgi"},
-    "runtime": {"server", "protocol", "wsgi", "sockets", "systemd", "errors"},
+    "runtime": {"server", "protocol", "wsgi", "sockets", "systemd", "template", "errors"},
     "client": {"protocol"},
     "spawner": {"config", "process", "systemd", "sockets", "supervisor", "errors"},
     "cli": {"config", "errors", "runtime", "spawner", "systemd", "__init__"},

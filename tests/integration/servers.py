@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from fcgispawn.template import TEMPLATE_COMM, TEMPLATE_FD_ENV
 from tests.procs import (
     REPO,
     ProcessGroup,
@@ -187,16 +188,46 @@ def pid_alive(pid: int) -> bool:
     return st is not None and st[0] not in ("Z", "X")
 
 
-def children_of(pid: int) -> list[int]:
-    """Live (non-zombie) children of ``pid``, from /proc."""
+def children_of(pid: int, *, templates: bool = False) -> list[int]:
+    """Live (non-zombie) children of ``pid``, from /proc: a supervisor's workers. Its
+    preload templates (comm ``fcgispawn-tmpl``) only with ``templates``."""
     kids: list[int] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         st = _read_stat(int(entry.name))
-        if st is not None and st[1] == pid and st[0] not in ("Z", "X"):
+        live_child = st is not None and st[1] == pid and st[0] not in ("Z", "X")
+        if live_child and (templates or not is_template(int(entry.name))):
             kids.append(int(entry.name))
     return sorted(kids)
+
+
+def is_template(pid: int) -> bool:
+    """Whether ``pid`` is a preload template: named so by template.py once the app is
+    imported, and from its exec on recognisable by the SOCK_SEQPACKET control socket on the fd
+    its environment names (the workers forked from it share that environment, but have
+    closed the fd before they become the supervisor's children)."""
+    try:
+        if Path(f"/proc/{pid}/comm").read_bytes().rstrip(b"\n") == TEMPLATE_COMM:
+            return True
+        fd = proc_environ(pid).get(TEMPLATE_FD_ENV)
+        if fd is None:
+            return False
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return False
+    match = re.fullmatch(r"socket:\[(\d+)\]", target)
+    if match is None:
+        return False
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 7 and fields[6] == match.group(1):
+            return fields[4] == "0005"  # SOCK_SEQPACKET
+    return False
+
+
+def templates_of(pid: int) -> list[int]:
+    return [kid for kid in children_of(pid, templates=True) if is_template(kid)]
 
 
 def proc_ids(pid: int) -> tuple[int, int]:

@@ -40,6 +40,7 @@ from tests.integration.servers import (
     require_binary,
     socket_inode,
     tcp_listen_addresses,
+    templates_of,
     wait_until,
 )
 from tests.procs import REPO, can_connect_tcp, fcgispawn_argv, free_port
@@ -368,21 +369,27 @@ def _line_request(sock: Path, line: str, timeout: float = 10.0) -> str:
 # ---- --pass systemd ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("preload", ["--preload", "--no-preload"])
 def test_pass_systemd_gives_wsgi_workers_fd3_and_their_own_listen_env_behind_nginx(
-    servers: Servers,
+    servers: Servers, preload: str
 ) -> None:
     sock = servers.workdir / "sd.sock"
     proc = _start(
         servers,
-        ["-n", "-s", str(sock), "-F", "2", "--pass", "systemd", "--wsgi", APP],
+        ["-n", "-s", str(sock), "-F", "2", "--pass", "systemd", preload, "--wsgi", APP],
         wait_unix=sock,
     )
     workers = workers_of(proc.pid, 2)
-    for pid in workers:
+    # The exec'd program got LISTEN_* for itself: each worker, or the template the workers
+    # are forked from (/proc/PID/environ is the environment a process was exec'd with).
+    exec_pids = templates_of(proc.pid) if preload == "--preload" else workers
+    assert len(exec_pids) == (1 if preload == "--preload" else 2)
+    for pid in exec_pids:
         env = proc_environ(pid)
         assert env.get("LISTEN_FDS") == "1", (pid, env)
         assert env.get("LISTEN_PID") == str(pid), (pid, env)
         assert env.get("LISTEN_FDNAMES") == "fcgi", (pid, env)
+    for pid in workers:
         assert _readlink(f"/proc/{pid}/fd/0") == "/dev/null", "fd 0 is not the socket any more"
         # fd 3 is the supervisor's listening socket, as ss shows it (backlog 1024).
         assert listen_queue(unix_inode=socket_inode(pid, 3)) == 1024
