@@ -810,3 +810,52 @@ def test_sd_notify_ready_reloading_stopping_and_watchdog(
         assert sup.wait(5) == 0
     pings = sum(1 for m in messages if "WATCHDOG" in m)
     assert pings >= 2, messages
+
+
+# -------------------------------------------------------------------------------- preload mode
+# The real template (the --wsgi runtime) is exercised in tests/integration/test_preload.py; these
+# pin the supervisor's side against templates that fail in each way a program can.
+
+NONSENSE_TEMPLATE = """
+import os, socket
+ctl = socket.socket(fileno=int(os.environ["FCGISPAWN_TEMPLATE_FD"]))
+ctl.send(b"ready")
+while ctl.recv(64):
+    ctl.send(b"nonsense")
+"""
+
+
+def test_template_exiting_before_ready_is_a_crash_loop_that_names_the_template(
+    procs: ProcessGroup, sockdir: Path
+) -> None:
+    policy = {"crash_limit": 3, "backoff_initial": 0.05, "crash_window": 10}
+    argv = [sys.executable, "-c", "raise SystemExit(3)"]
+    sup = start(procs, sockdir, argv=argv, template=True, policy=policy, wait_ready=False)
+    assert sup.wait(10) == 1
+    wait_for(lambda: "error:" in sup.log)
+    assert "workers keep dying: last exit status 3 (template " in sup.log
+    assert sum(" template " in line and " started " in line for line in sup.lines) == 3
+    assert not any("worker " in line and " started " in line for line in sup.lines)
+
+
+def test_template_that_cannot_be_executed_is_a_clear_startup_error(
+    procs: ProcessGroup, sockdir: Path
+) -> None:
+    argv = ["no-such-template-fcgispawn"]
+    sup = start(procs, sockdir, argv=argv, template=True, workers=2, wait_ready=False)
+    assert sup.wait(5) == 1
+    wait_for(lambda: "error:" in sup.log)
+    assert "cannot execute 'no-such-template-fcgispawn': No such file or directory" in sup.log
+
+
+def test_template_answering_nonsense_is_killed_and_counted_until_the_supervisor_gives_up(
+    procs: ProcessGroup, sockdir: Path
+) -> None:
+    policy = {"crash_limit": 2, "backoff_initial": 0.05, "crash_window": 10}
+    argv = [sys.executable, "-c", NONSENSE_TEMPLATE]
+    sup = start(procs, sockdir, argv=argv, template=True, policy=policy, wait_ready=False)
+    assert sup.wait(10) == 1
+    wait_for(lambda: "error:" in sup.log)
+    assert "unexpected answer b'nonsense'; starting it anew" in sup.log
+    assert "killed by signal SIGKILL (template " in sup.log
+    assert not any("worker " in line and " started " in line for line in sup.lines)
