@@ -75,6 +75,8 @@ __all__ = [
     "encode_request",
     "encode_response",
     "encode_stream",
+    "frame_stream",
+    "whole_responder_request",
 ]
 
 FCGI_VERSION_1: Final = 1
@@ -330,6 +332,7 @@ _DATA: Final = 8
 _GET_VALUES: Final = 9
 _GET_VALUES_RESULT: Final = 10
 _UNKNOWN_TYPE: Final = 11
+_RESPONDER: Final = 1
 
 # Dict lookups instead of Role(x): calling an IntEnum by value is slow, and unknown values
 # must not raise ValueError.
@@ -547,6 +550,18 @@ def _frame_into(out: list[Buffer], rtype: int, request_id: int, buffers: Iterabl
     return -(total % STDOUT_CHUNK) & 7
 
 
+def frame_stream(
+    request_id: int, buffers: Iterable[Buffer], *, stderr: bool = False
+) -> list[Buffer]:
+    """STDOUT (or STDERR) records for ``buffers``, padding included; stateless. Up to 65528
+    bytes in all share one record header, so one sendmsg carries them."""
+    out: list[Buffer] = []
+    pad = _frame_into(out, _STDERR if stderr else _STDOUT, request_id, buffers)
+    if pad:
+        out.append(_PAD[pad])
+    return out
+
+
 def _end_tail(pad: int, request_id: int, app_status: int, status: int, stderr_used: bool) -> bytes:
     if stderr_used:
         return _TAIL_ERR[pad].pack(
@@ -613,6 +628,67 @@ _WHOLE_TAIL: Final = {
 }
 
 
+def _whole_shape(data: bytes | memoryview) -> tuple[int, int, int, int] | None:
+    """(request id, role, flags, end of the PARAMS content) when ``data`` is exactly BEGIN_REQUEST,
+    ONE PARAMS record, the empty PARAMS and the empty STDIN -- (almost) every request a web server
+    sends, in one read; None for anything else. One unpack and one compare instead of four trips
+    through the record loop."""
+    (
+        version, rtype, rid, clen, plen, role_value, flags,
+        pversion, ptype, prid, pclen, pplen,
+    ) = _WHOLE_HEAD.unpack_from(data) if (end := len(data)) >= 40 else _NOT_WHOLE  # fmt: skip
+    stop = 24 + pclen
+    tail = _WHOLE_TAIL.get(rid)
+    if (
+        tail is None
+        or version != FCGI_VERSION_1
+        or rtype != _BEGIN
+        or clen != 8
+        or plen
+        or pversion != FCGI_VERSION_1
+        or ptype != _PARAMS
+        or prid != rid
+        or not pclen
+        or stop + pplen + 16 != end
+        or data[end - 16 :] != tail
+    ):
+        return None
+    return rid, role_value, flags, stop
+
+
+def whole_responder_request(data: bytes | memoryview, limits: Limits) -> Params | None:
+    """The one request of a connection that carries nothing else, when it came whole in one read.
+
+    That is: BEGIN_REQUEST (RESPONDER, no KEEP_CONN), one PARAMS record, the empty PARAMS and
+    the empty STDIN, nothing after -- what nginx sends for a bodiless request by default. The
+    server answers it without a ServerConnection: no state can outlive it (the web server lets
+    us close, and nothing else arrives). Returns its Params, latin-1 decoded, or None for
+    anything else, including input ServerConnection would reject or answer (management
+    records, other roles, KEEP_CONN, malformed pairs, limits): it handles those as always.
+    """
+    shape = _whole_shape(data)
+    if shape is None:
+        return None
+    rid, role_value, flags, stop = shape
+    if (
+        role_value != _RESPONDER
+        or flags & FCGI_KEEP_CONN
+        or limits.max_requests_per_conn < 1
+        or stop - 24 > limits.max_params_bytes
+    ):
+        return None
+    block = bytes(data[24:stop])
+    ev = _new_params(Params)
+    ev.request_id = rid
+    ev._block = block
+    ev._params = None
+    try:
+        ev._latin1 = _walk_pairs(block, block.decode("latin-1"))
+    except ProtocolError:
+        return None  # the connection's parser reports it, as for every other connection
+    return ev
+
+
 class _Request:
     """Mutable per-request state (slotted, not a dataclass: it changes on every record)."""
 
@@ -655,6 +731,11 @@ class _Reader:
 
     def _parse(self, view: bytes | memoryview, pos: int, end: int, events: list[object]) -> int:
         raise NotImplementedError
+
+    @property
+    def mid_record(self) -> bool:
+        """Whether bytes of an incomplete record are buffered (the next read continues it)."""
+        return len(self._buf) > self._pos
 
     def _feed(self, data: bytes | bytearray | memoryview, events: list[object]) -> None:
         if self._failed:
@@ -851,26 +932,11 @@ class ServerConnection(_Reader):
         unpack and one endswith() instead of four trips through the record loop; the events,
         state and errors are exactly the loop's (False: not this shape, use the loop).
         """
-        (
-            version, rtype, rid, clen, plen, role_value, flags,
-            pversion, ptype, prid, pclen, pplen,
-        ) = _WHOLE_HEAD.unpack_from(data) if (end := len(data)) >= 40 else _NOT_WHOLE  # fmt: skip
-        stop = 24 + pclen
-        tail = _WHOLE_TAIL.get(rid)
-        if (
-            tail is None
-            or version != FCGI_VERSION_1
-            or rtype != _BEGIN
-            or clen != 8
-            or plen
-            or pversion != FCGI_VERSION_1
-            or ptype != _PARAMS
-            or prid != rid
-            or not pclen
-            or stop + pplen + 16 != end
-            or data[end - 16 :] != tail
-        ):
+        shape = _whole_shape(data)
+        if shape is None:
             return False
+        rid, role_value, flags, stop = shape
+        pclen = stop - 24
         append = events.append
         keep_conn = flags & FCGI_KEEP_CONN == FCGI_KEEP_CONN
         limits = self._limits
@@ -974,31 +1040,20 @@ class ServerConnection(_Reader):
     def stdout(self, request_id: int, data: Buffer) -> list[Buffer]:
         """STDOUT records for ``data``: header, data (or 65528-byte slices of it), padding."""
         self._active(request_id)
-        out: list[Buffer] = []
-        pad = _frame_into(out, _STDOUT, request_id, (data,))
-        if pad:
-            out.append(_PAD[pad])
-        return out
+        return frame_stream(request_id, (data,))
 
     def stdout_many(self, request_id: int, buffers: Iterable[Buffer]) -> list[Buffer]:
         """stdout() for several buffers (e.g. what the WSGI layer hands to send()): up to 65528
         bytes in all they share one record header, so one sendmsg carries them."""
         self._active(request_id)
-        out: list[Buffer] = []
-        pad = _frame_into(out, _STDOUT, request_id, buffers)
-        if pad:
-            out.append(_PAD[pad])
-        return out
+        return frame_stream(request_id, buffers)
 
     def stderr(self, request_id: int, data: Buffer) -> list[Buffer]:
         """STDERR records for ``data``; end_request() then also ends the STDERR stream."""
         req = self._active(request_id)
-        out: list[Buffer] = []
-        pad = _frame_into(out, _STDERR, request_id, (data,))
+        out = frame_stream(request_id, (data,), stderr=True)
         if out:
             req.stderr_used = True
-        if pad:
-            out.append(_PAD[pad])
         return out
 
     def end_request(

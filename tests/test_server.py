@@ -735,3 +735,95 @@ def test_app_ignoring_a_large_body_still_answers(start: Start) -> None:
     resp = run.client(timeout=20).request(params, body)
     assert resp.body == b"Hello, World!"
     assert run.client().request(_get("/hello")).status == 200
+
+
+# --------------------------------------------------------------------------- the whole-request path
+
+
+def _whole_and_split(params: dict[str, str], rid: int = 1) -> tuple[bytes, bytes]:
+    """The same request twice: whole (BEGIN, one PARAMS record, empty PARAMS, empty STDIN: what
+    the server answers without connection state) and with its PARAMS split over two records
+    (which goes through ServerConnection)."""
+    pairs = {k.encode(): v.encode() for k, v in params.items()}
+    whole = encode_request(rid, pairs)
+    block = encode_pairs(pairs)
+    split = (
+        encode_begin_request(rid, Role.RESPONDER, False)
+        + encode_record(RecordType.PARAMS, rid, block[:5])
+        + encode_record(RecordType.PARAMS, rid, block[5:])
+        + encode_record(RecordType.PARAMS, rid, b"")
+        + encode_record(RecordType.STDIN, rid, b"")
+    )
+    return whole, split
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/hello", "/stderr", "/raises", "/stream", "/file", "/big_list", "/cookies", "/sys_exit"],
+)
+def test_whole_request_path_answers_like_the_connection_path(
+    start: Start, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    taken: list[bool] = []
+    real = server_mod.whole_responder_request
+
+    def spy(data: Any, limits: Any) -> Any:
+        result = real(data, limits)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(server_mod, "whole_responder_request", spy)
+    run = start(threads=1)
+    assert isinstance(run.address, str)
+    for rid in (1, 7):
+        whole, split = _whole_and_split(_get(path, "mib=1"), rid)
+        taken.clear()
+        fast = _raw_exchange(run.address, whole)
+        assert taken == [True], "the whole request did not take the whole-request path"
+        taken.clear()
+        slow = _raw_exchange(run.address, split)
+        assert True not in taken
+        assert _streams(fast) == _streams(slow)
+        if path == "/sys_exit":
+            assert fast == []  # the connection is dropped, no END_REQUEST, the worker lives
+        else:
+            assert isinstance(fast[-1], EndRequest) and fast[-1].request_id == rid
+    assert run.client().request(_get("/hello")).body == b"Hello, World!"
+
+
+def _streams(events: list[Any]) -> tuple[bytes, bytes, list[Any]]:
+    """What a web server makes of a response: the STDOUT and STDERR bytes (record boundaries
+    are the sender's choice) and the END_REQUESTs."""
+    out = b"".join(e.data for e in events if isinstance(e, StdoutData))
+    err = b"".join(e.data for e in events if isinstance(e, StderrData))
+    return out, err, [e for e in events if isinstance(e, EndRequest)]
+
+
+def test_whole_request_path_counts_requests_for_max_requests(start: Start) -> None:
+    run = start(threads=1, max_requests=3)
+    for _ in range(3):
+        whole, _split = _whole_and_split(_get("/hello"))
+        events = _raw_exchange(str(run.address), whole)
+        assert isinstance(events[-1], EndRequest)
+    run.thread.join(10)
+    assert run.result == [0]
+    assert run.server.served == 3
+
+
+def test_a_whole_request_after_part_of_a_record_is_read_as_the_rest_of_that_record(
+    start: Start,
+) -> None:
+    """The whole-request path is for a connection's first bytes only: bytes that complete an
+    earlier partial record belong to it (here they make a 256-byte BEGIN_REQUEST body that
+    never completes: no answer)."""
+    run = start(threads=1)
+    whole, _split = _whole_and_split(_get("/hello"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        sock.connect(str(run.address))
+        sock.sendall(whole[:3])
+        time.sleep(0.2)  # read and parked: the next bytes continue this record
+        sock.sendall(whole)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)
+    assert run.client().request(_get("/hello")).body == b"Hello, World!"
