@@ -33,6 +33,7 @@ from fcgispawn.protocol import (
     encode_pairs,
     encode_record,
     encode_request,
+    whole_responder_request,
 )
 from fcgispawn.server import Server, parse_web_server_addrs
 from tests.apps import wsgi_apps
@@ -765,7 +766,7 @@ def test_whole_request_path_answers_like_the_connection_path(
     start: Start, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     taken: list[bool] = []
-    real = server_mod.whole_responder_request
+    real = whole_responder_request
 
     def spy(data: Any, limits: Any) -> Any:
         result = real(data, limits)
