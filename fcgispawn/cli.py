@@ -72,7 +72,9 @@ def _daemon_log() -> Log:
     return to_syslog
 
 
-def _fail(error: FcgiSpawnError) -> NoReturn:
+def fail(error: FcgiSpawnError) -> NoReturn:
+    """One line (and an app's traceback) on stderr, then exit with the error's status: how
+    every error reaches the user, also from __main__'s worker shortcut."""
     click.echo(f"fcgispawn: {error}", err=True)
     if isinstance(error, AppImportError) and error.detail:
         click.echo(error.detail.rstrip("\n"), err=True)
@@ -85,18 +87,7 @@ def run(cfg: SpawnConfig, log: Log = _stderr_log) -> int:
         assert cfg.runtime is not None
         from fcgispawn import runtime
 
-        rt = cfg.runtime
-        return runtime.run(
-            rt.app,
-            None,
-            threads=rt.threads,
-            max_requests=rt.max_requests,
-            max_requests_jitter=rt.max_requests_jitter,
-            graceful_timeout=rt.graceful_timeout,
-            request_timeout=rt.request_timeout,
-            web_server_addrs=rt.web_server_addrs,
-            log=log,
-        )
+        return runtime.run(listener=None, log=log, **cfg.runtime.run_kwargs())
     from fcgispawn import spawner
 
     return spawner.spawn(cfg, log=log, say=click.echo, daemon_log=_daemon_log)
@@ -308,7 +299,7 @@ def command(**params: Any) -> None:
         cfg = build(_options(params))
         rc = run(cfg)
     except FcgiSpawnError as error:
-        _fail(error)
+        fail(error)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(rc)
@@ -319,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         command.main(args=list(argv) if argv is not None else None, prog_name="fcgispawn")
     except FcgiSpawnError as error:  # raised outside the command body (e.g. by click callbacks)
-        _fail(error)
+        fail(error)
     except Exception:  # pragma: no cover - a bug: say so, keep the traceback for the report
         click.echo("fcgispawn: internal error, please report:", err=True)
         click.echo(traceback.format_exc().rstrip("\n"), err=True)

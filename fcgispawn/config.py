@@ -11,7 +11,7 @@ import ipaddress
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fcgispawn.errors import ConfigError
 from fcgispawn.sockets import (
@@ -27,6 +27,10 @@ from fcgispawn.sockets import (
 PassMode = Literal["fd0", "systemd"]
 
 DEFAULT_THREADS = 2
+#: Set by the spawner for --wsgi workers: JSON of ``RuntimeOptions.run_kwargs()``. ``python -m
+#: fcgispawn`` then serves from it without parsing its command line (which stays, for ps): a
+#: worker, and a preload template, never imports click and the option machinery.
+WORKER_ENV = "FCGISPAWN_WORKER"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,21 @@ class RuntimeOptions:
     graceful_timeout: float = 30.0
     request_timeout: float = 0.0
     web_server_addrs: tuple[str, ...] | None = None
+
+    def run_kwargs(self) -> dict[str, Any]:
+        """``runtime.run``'s arguments, JSON-ready: the one mapping from options to the worker
+        program, used in-process (cli.py) and through WORKER_ENV (__main__.py)."""
+        return {
+            "app_spec": self.app,
+            "threads": self.threads,
+            "max_requests": self.max_requests,
+            "max_requests_jitter": self.max_requests_jitter,
+            "graceful_timeout": self.graceful_timeout,
+            "request_timeout": self.request_timeout,
+            "web_server_addrs": (
+                None if self.web_server_addrs is None else list(self.web_server_addrs)
+            ),
+        }
 
     def worker_args(self) -> tuple[str, ...]:
         """The flags that make ``fcgispawn`` serve this app on its inherited socket.

@@ -8,13 +8,14 @@ and diagnostics through ``log``, both given by cli.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import sys
 from collections.abc import Callable
 
 from fcgispawn import process, systemd
-from fcgispawn.config import SpawnConfig
+from fcgispawn.config import WORKER_ENV, SpawnConfig
 from fcgispawn.errors import CrashLoopError, FcgiSpawnError, SocketError
 from fcgispawn.sockets import BindOptions, FdAddress, Listener, adopt_fd, bind, is_listening_socket
 from fcgispawn.supervisor import PassMode, Policy, Readiness, Supervisor, WorkerSpec
@@ -91,6 +92,7 @@ def worker_env(cfg: SpawnConfig) -> dict[str, str]:
         # wsgi.multiprocess must be truthful, and under a supervisor it is: TTIN can add a
         # sibling at any time, and a reload overlaps old and new workers.
         env["FCGISPAWN_MULTIPROCESS"] = "1"
+        env[WORKER_ENV] = json.dumps(cfg.runtime.run_kwargs())
     return env
 
 

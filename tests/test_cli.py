@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,49 @@ def test_wsgi_worker_with_stdout_and_stderr_closed_serves_and_stops_cleanly(
     assert response.body == b"Hello, World!"
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(20) == 0
+
+
+# ---- the worker shortcut (__main__.py, config.WORKER_ENV) ------------------------------------
+
+
+def test_run_kwargs_are_runtime_runs_arguments_and_survive_json() -> None:
+    import inspect
+    import json
+
+    from fcgispawn import runtime
+    from fcgispawn.config import RuntimeOptions
+
+    for opts in (
+        RuntimeOptions(app="m:a"),
+        RuntimeOptions(
+            app="pkg.mod:make_app()",
+            threads=7,
+            max_requests=100,
+            max_requests_jitter=9,
+            graceful_timeout=2.5,
+            request_timeout=30,
+            web_server_addrs=("127.0.0.1", "::1"),
+        ),
+    ):
+        kwargs = json.loads(json.dumps(opts.run_kwargs()))
+        bound = inspect.signature(runtime.run).bind(**kwargs)
+        assert bound.arguments["app_spec"] == opts.app
+        assert kwargs["threads"] == opts.threads
+        assert kwargs["graceful_timeout"] == opts.graceful_timeout
+        addrs = kwargs["web_server_addrs"]
+        assert (None if addrs is None else tuple(addrs)) == opts.web_server_addrs
+
+
+@pytest.mark.parametrize("value", ["not json", "[1, 2]", '{"no_such_argument": 1}'])
+def test_a_broken_worker_configuration_is_one_clear_line(value: str) -> None:
+    # The shortcut is python -m fcgispawn's (what the supervisor runs), not the console script's.
+    proc = subprocess.run(
+        [sys.executable, "-m", "fcgispawn", "--wsgi", "m:a"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        check=False,
+        env={**os.environ, "FCGISPAWN_WORKER": value},
+    )
+    assert_one_clear_line(proc, 2, "FCGISPAWN_WORKER is not a worker configuration")

@@ -14,6 +14,8 @@ PKG = Path(__file__).resolve().parent.parent / "fcgispawn"
 #:   exec, and process.py owns those process-wide changes.
 #: - spawner: the wiring between cli and supervisor (bind, identities, detach, pid file), kept
 #:   out of cli.py so that cli.py stays parsing and printing only.
+#: - __main__ -> config, runtime, errors: a --wsgi worker started by the supervisor is served
+#:   from config.WORKER_ENV without cli.py, so workers and templates never import click.
 #: - template: preload mode's fork protocol. The worker side runs in the runtime (which forks
 #:   workers from a process that imported the app); the supervisor imports only its constants.
 ALLOWED: dict[str, set[str]] = {
@@ -32,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "spawner": {"config", "process", "systemd", "sockets", "supervisor", "errors"},
     "cli": {"config", "errors", "runtime", "spawner", "systemd", "__init__"},
     "__init__": {"server", "runtime"},
-    "__main__": {"cli"},
+    "__main__": {"cli", "config", "runtime", "errors"},
 }
 
 

@@ -30,11 +30,16 @@ from tests.procs import REPO
 #: process) and answers with its version and pid.
 APP_SOURCE = """
 import os
+import sys
 with open(os.environ["IMPORT_LOG"], "a") as log:
     log.write(f"{os.getpid()}\\n")
 VERSION = "@VERSION@"
 
 def app(environ, start_response):
+    if environ["PATH_INFO"] == "/worker":  # what the worker program loaded and passes on
+        seen = ("click" in sys.modules, "FCGISPAWN_WORKER" in os.environ)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [repr(seen).encode()]
     body = f"{VERSION} {os.getpid()}".encode()
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [body]
@@ -113,6 +118,9 @@ def test_workers_are_the_supervisors_children_forked_from_one_template_that_impo
         # The workers run the template's image: same exec'd environment, control fd closed.
         assert proc_environ(pid).get(TEMPLATE_FD_ENV) == proc_environ(template)[TEMPLATE_FD_ENV]
     assert _imports(log) == [template], "the app is imported once, by the template"
+    # Started from FCGISPAWN_WORKER (__main__.py): no click, and nothing left for the app's
+    # own child processes to inherit.
+    assert _body(fcgi_get(sock, "/worker")) == "(False, False)"
     seen = {_answer(sock)[1] for _ in range(20)}
     assert seen <= set(workers) and seen, seen
     # Copy-on-write: most of a worker's resident memory is shared with its siblings.
