@@ -32,7 +32,7 @@ from bench import common
 from bench.common import BENCH, REPO, VENV_BIN, VENV_PYTHON, log
 
 HELLO = b"Hello, World!"
-PEERS = ("fcgispawn", "uwsgi", "flup-fork", "flup-threaded", "c-app")
+PEERS = ("fcgispawn", "fcgispawn-2t", "uwsgi", "flup-fork", "flup-threaded", "c-app")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,15 @@ BACKENDS: dict[str, Backend] = {
         "fcgispawn -n -F 2 --wsgi bench.apps:app",
         lambda sock, tools: [
             str(VENV_BIN / "fcgispawn"), "-n", "-s", str(sock), "-F", "2",
+            "--wsgi", "bench.apps:app",
+        ],
+        3,
+    ),
+    "fcgispawn-2t": Backend(
+        "fcgispawn-2t",
+        "fcgispawn -n -F 2 --threads 2 --wsgi bench.apps:app",
+        lambda sock, tools: [
+            str(VENV_BIN / "fcgispawn"), "-n", "-s", str(sock), "-F", "2", "--threads", "2",
             "--wsgi", "bench.apps:app",
         ],
         3,

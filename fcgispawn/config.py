@@ -26,7 +26,11 @@ from fcgispawn.sockets import (
 
 PassMode = Literal["fd0", "systemd"]
 
-DEFAULT_THREADS = 2
+#: One request at a time per worker, as uWSGI, gunicorn's sync worker and php-fpm do: a second
+#: pool thread costs GIL hand-offs on every syscall of every request (~5 us/req straight at the
+#: socket, ~1.7 through nginx; bench/results/2026-11-29-*), while more workers cost little with
+#: --preload (shared memory, ~7 ms to replace). --threads N for apps that wait on I/O.
+DEFAULT_THREADS = 1
 #: Set by the spawner for --wsgi workers: JSON of ``RuntimeOptions.run_kwargs()``. ``python -m
 #: fcgispawn`` then serves from it without parsing its command line (which stays, for ps): a
 #: worker, and a preload template, never imports click and the option machinery.
