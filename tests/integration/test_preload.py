@@ -10,9 +10,12 @@ ends template and workers; --no-preload execs every worker as before.
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from fcgispawn.template import TEMPLATE_COMM, TEMPLATE_FD_ENV
 from tests.integration.servers import (
@@ -67,6 +70,8 @@ def _start_proc(
     log = workdir / "imports.log"
     if not (workdir / "preload_app.py").exists():
         _write_app(workdir, "v1")
+    log.touch()
+    log.chmod(0o666)  # the template may run as -u nobody
     env = servers.env(PYTHONPATH=f"{workdir}:{REPO}", IMPORT_LOG=str(log))
     args = ["-n", "-s", str(sock), "-F", str(workers), *extra, "--wsgi", "preload_app:app"]
     proc = servers.fcgispawn(args, env=env, wait_unix=sock)
@@ -242,3 +247,25 @@ def test_hup_with_an_app_that_no_longer_imports_keeps_the_old_template_and_worke
 
 def _stderr(servers: Servers) -> str:
     return "".join(p.read_text() for p in servers.workdir.glob("fcgispawn*.err"))
+
+
+def test_template_and_forked_workers_run_as_the_u_user(servers: Servers) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("-u needs root")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    supervisor, sock, _log = _start(servers, "-u", "nobody", "-M", "0666")
+    (template,) = templates_of(supervisor)
+    workers = children_of(supervisor)
+    for pid in (template, *workers):
+        assert _uid(pid) == nobody, pid
+    os.kill(workers[0], signal.SIGKILL)
+    assert wait_until(lambda: _answer(sock)[1] not in workers, 10), "no replacement answered"
+    for pid in children_of(supervisor):
+        assert _uid(pid) == nobody, pid
+
+
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid for {pid}")
