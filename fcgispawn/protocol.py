@@ -580,6 +580,7 @@ def _end_tail(pad: int, request_id: int, app_status: int, status: int, stderr_us
 #: The tail of a complete request with id 1 and app status 0 (every request from nginx, lighttpd
 #: and Apache that went well), for each padding the last STDOUT record needs.
 _TAIL_1_OK: Final = tuple(_end_tail(pad, 1, 0, 0, False) for pad in range(8))
+_COMPLETE: Final = ProtocolStatus.REQUEST_COMPLETE
 
 
 def encode_response(
@@ -597,7 +598,10 @@ def encode_response(
     """
     out: list[Buffer] = []
     pad = _frame_into(out, _STDOUT, request_id, body)
-    out.append(_end_tail(pad, request_id, app_status, status, stderr_used))
+    if request_id == 1 and not app_status and not stderr_used and status is _COMPLETE:
+        out.append(_TAIL_1_OK[pad])  # what every nginx request that went well ends with
+    else:
+        out.append(_end_tail(pad, request_id, app_status, status, stderr_used))
     return out
 
 
@@ -1081,13 +1085,7 @@ class ServerConnection(_Reader):
             raise ValueError(f"request {request_id} is not active")
         if not req.keep_conn:
             self._should_close = True
-        out: list[Buffer] = []
-        pad = _frame_into(out, _STDOUT, request_id, body)
-        if request_id == 1 and not app_status and not req.stderr_used:
-            out.append(_TAIL_1_OK[pad])  # what every nginx request ends with
-        else:
-            out.append(_end_tail(pad, request_id, app_status, 0, req.stderr_used))
-        return out
+        return encode_response(request_id, body, app_status, stderr_used=req.stderr_used)
 
     def keep_conn(self, request_id: int) -> bool:
         """Whether the web server asked to keep the connection after this (active) request."""
