@@ -109,13 +109,13 @@ def become_template(ctl_fd: int, log: Callable[[str], None]) -> None:
         if message != FORK:
             log(f"template: unexpected message {message[:32]!r} ignored")
             continue
-        if _fork_worker(ctl, supervisor, log):
+        if _fork_worker(ctl, supervisor):
             if worker_comm:
                 _prctl(_PR_SET_NAME, worker_comm)  # a worker looks like an exec'd one again
             return
 
 
-def _fork_worker(ctl: socket.socket, supervisor: int, log: Callable[[str], None]) -> bool:
+def _fork_worker(ctl: socket.socket, supervisor: int) -> bool:
     """One fork request: True only in the new worker, which then goes on to serve."""
     try:
         middle = os.fork()
