@@ -249,10 +249,10 @@ def run(
     template_fd = _template_fd()
     raise_nofile_limit(threads, log)
     app = import_app(app_spec)
-    if template_fd is not None:
-        # Under the supervisor's preload mode this process is the template: it forks the
-        # workers, and only they come back from here (template.py).
-        become_template(template_fd, log)
+    if template_fd is not None and not become_template(template_fd, log):
+        # Under the supervisor's preload mode this process was the template: it forked the
+        # workers (they come back from become_template and serve) until the supervisor left.
+        return 0
     return _serve_app(
         app,
         sock,

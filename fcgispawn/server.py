@@ -390,28 +390,22 @@ class _Req(_Output):
 
     def read_stdin(self) -> bytes:
         """``InputStream`` source: the next STDIN chunk, reading the socket when none is queued."""
-        while True:
-            chunks = self.chunks  # re-read: the reader replaces the placeholder on first input
-            if chunks:
-                chunk = chunks.popleft()
-                if self.conn.shared:
-                    self.conn.consumed(self, len(chunk))
-                return chunk
-            if self.stdin_done or self.aborted:
-                return b""
-            if not self.server._await_input(self.conn, self):
-                return b""
+        return self._next_chunk(data=False)
 
     def read_data(self) -> bytes:
         """FILTER role: the FCGI_DATA stream (``environ["fcgi.data"]``), after STDIN (spec §6.4)."""
+        return self._next_chunk(data=True)
+
+    def _next_chunk(self, *, data: bool) -> bytes:
         while True:
-            chunks = self.data_chunks  # re-read, as in read_stdin
+            # Re-read each turn: the reader replaces the placeholder queue on the first input.
+            chunks = self.data_chunks if data else self.chunks
             if chunks:
                 chunk = chunks.popleft()
                 if self.conn.shared:
                     self.conn.consumed(self, len(chunk))
                 return chunk
-            if self.data_done or self.aborted:
+            if (self.data_done if data else self.stdin_done) or self.aborted:
                 return b""
             if not self.server._await_input(self.conn, self):
                 return b""

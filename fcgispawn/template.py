@@ -24,7 +24,7 @@ arms ``PR_SET_PDEATHSIG`` only after that re-parenting (armed earlier, the inter
 would fire it).
 
 A template serves no requests, so it holds nothing a stop must wait for: SIGTERM ends it at
-once (default disposition), and so does EOF on its socket (the supervisor is gone).
+once (default disposition), and EOF on its socket (the supervisor is gone) ends it too.
 """
 
 from __future__ import annotations
@@ -78,13 +78,13 @@ def _comm() -> bytes:
         return b""
 
 
-def become_template(ctl_fd: int, log: Callable[[str], None]) -> None:
-    """Serve fork requests on ``ctl_fd`` until told to stop; returns only in a forked worker.
+def become_template(ctl_fd: int, log: Callable[[str], None]) -> bool:
+    """Serve fork requests on ``ctl_fd`` until the supervisor closes it.
 
     Called by the worker program after the app is imported and before any thread exists (a
-    fork copies only the calling thread). The process that returns is a worker, already a
-    child of the supervisor and with PR_SET_PDEATHSIG armed; the template itself leaves with
-    ``SystemExit(0)`` when the supervisor closes the socket.
+    fork copies only the calling thread). Returns True in a forked worker, which is already a
+    child of the supervisor with PR_SET_PDEATHSIG armed and goes on to serve; False in the
+    template once the supervisor is gone (its caller then ends the process).
     """
     ctl = socket.socket(fileno=ctl_fd)
     ctl.set_inheritable(False)
@@ -105,14 +105,14 @@ def become_template(ctl_fd: int, log: Callable[[str], None]) -> None:
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
             continue
         if not message:
-            raise SystemExit(0)
+            return False
         if message != FORK:
             log(f"template: unexpected message {message[:32]!r} ignored")
             continue
         if _fork_worker(ctl, supervisor):
             if worker_comm:
                 _prctl(_PR_SET_NAME, worker_comm)  # a worker looks like an exec'd one again
-            return
+            return True
 
 
 def _fork_worker(ctl: socket.socket, supervisor: int) -> bool:
