@@ -32,7 +32,9 @@ from bench import common
 from bench.common import BENCH, REPO, VENV_BIN, VENV_PYTHON, log
 
 HELLO = b"Hello, World!"
-PEERS = ("fcgispawn", "fcgispawn-2t", "uwsgi", "flup-fork", "flup-threaded", "c-app")
+PEERS = ("fcgispawn", "fcgispawn-2t", "uwsgi", "flup-fork", "flup-threaded", "c-app", "floor")
+#: Run unless --peers says otherwise; "floor" is a measurement aid (bench/floor.py), not a peer.
+DEFAULT_PEERS = ("fcgispawn", "fcgispawn-2t", "uwsgi", "flup-fork", "flup-threaded", "c-app")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,15 @@ BACKENDS: dict[str, Backend] = {
             str(VENV_PYTHON), str(BENCH / "apps.py"), "flup-threaded", str(sock),
         ],
         1,
+    ),
+    "floor": Backend(
+        "floor",
+        "bench/floor.py W: a bare loop around fcgispawn's protocol + WSGI layers, 2 processes",
+        lambda sock, tools: [
+            "spawn-fcgi", "-F", "1", "-s", str(sock), "-M", "0600", "--",
+            str(VENV_PYTHON), str(BENCH / "floor.py"), "W", "2",
+        ],
+        2,
     ),
     "c-app": Backend(
         "c-app",
@@ -472,7 +483,9 @@ def parse_args(argv: list[str]) -> Settings:
     parser.add_argument("-c", "--connections", type=int, default=32)
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up load")
     parser.add_argument(
-        "--peers", default=",".join(PEERS), help=f"comma list out of {','.join(PEERS)}"
+        "--peers",
+        default=",".join(DEFAULT_PEERS),
+        help=f"comma list out of {','.join(PEERS)}",
     )
     parser.add_argument(
         "--modes", default="nginx,direct", help="comma list out of nginx,direct"
