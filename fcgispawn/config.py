@@ -26,11 +26,12 @@ from fcgispawn.sockets import (
 
 PassMode = Literal["fd0", "systemd"]
 
-#: One request at a time per worker, as uWSGI, gunicorn's sync worker and php-fpm do: a second
-#: pool thread costs GIL hand-offs on every syscall of every request (~5 us/req straight at the
-#: socket, ~1.7 through nginx; bench/results/2026-11-29-*), while more workers cost little with
-#: --preload (shared memory, ~7 ms to replace). --threads N for apps that wait on I/O.
-DEFAULT_THREADS = 1
+#: Two pool threads per worker. One would save ~3-5 us/req straight at the socket (GIL
+#: hand-offs; through nginx it is a wash: bench/results/2026-11-29-threads-1-default.md), but a
+#: connection parked because its request had not arrived yet (~17 % straight at the socket)
+#: would then wait behind whatever the only thread runs next -- a slow request, or a hung one
+#: that ends the worker (--request-timeout) and resets it. The second thread picks it up.
+DEFAULT_THREADS = 2
 #: Set by the spawner for --wsgi workers: JSON of ``RuntimeOptions.run_kwargs()``. ``python -m
 #: fcgispawn`` then serves from it without parsing its command line (which stays, for ps): a
 #: worker, and a preload template, never imports click and the option machinery.

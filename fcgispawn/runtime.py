@@ -228,7 +228,7 @@ def run(
     app_spec: str,
     listener: socket.socket | None = None,
     *,
-    threads: int = 1,
+    threads: int = 2,
     max_requests: int = 0,
     max_requests_jitter: int = 0,
     graceful_timeout: float = 30.0,
