@@ -1372,14 +1372,7 @@ class Server:
                 multithread=self.multithread,
                 multiprocess=self.multiprocess,
             )
-            if self.request_timeout:
-                key = self._call_started(params)
-                try:
-                    status = run_app(out.call_app, environ, out.send, log=self.log)
-                finally:
-                    self._call_ended(key)
-            else:
-                status = run_app(out.call_app, environ, out.send, log=self.log)
+            status = self._call(out, environ, params)
         except BaseException as exc:
             self._app_escaped(exc)
             out.dead = True
@@ -1710,14 +1703,7 @@ class Server:
                     environ["fcgi.role"] = _ROLE_NAMES[req.role]
                     if req.role is _FILTER:
                         environ["fcgi.data"] = InputStream(req.read_data)
-                if self.request_timeout:
-                    key = self._call_started(params)
-                    try:
-                        status = run_app(req.call_app, environ, req.send, log=self.log)
-                    finally:
-                        self._call_ended(key)
-                else:
-                    status = run_app(req.call_app, environ, req.send, log=self.log)
+                status = self._call(req, environ, params)
             except BaseException as exc:
                 self._app_escaped(exc)
                 self._kill(conn)
@@ -1734,6 +1720,16 @@ class Server:
         else:
             conn.reqs.pop(req.rid, None)
         self._end(conn, req, status)
+
+    def _call(self, out: _Output, environ: dict[str, Any], params: Params) -> int:
+        """run_app for one request, registered with the request_timeout watchdog if any."""
+        if not self.request_timeout:
+            return run_app(out.call_app, environ, out.send, log=self.log)
+        key = self._call_started(params)
+        try:
+            return run_app(out.call_app, environ, out.send, log=self.log)
+        finally:
+            self._call_ended(key)
 
     def _app_escaped(self, exc: BaseException) -> None:
         # run_app handles Exception itself; what gets here is SystemExit (an app calling
