@@ -290,11 +290,13 @@ def workers_of(
 ) -> list[int]:
     """The supervisor's children once ``count`` (exactly, with ``exact``) have exec'd their
     program (cmdline no longer the supervisor's)."""
-    parent = _cmdline(supervisor)
     found: list[int] = []
 
     def enough() -> bool:
         nonlocal found
+        # Read each time: right after Popen the supervisor itself may not have exec'd yet, and
+        # its cmdline then is the test runner's, which its own pre-exec children do not share.
+        parent = _cmdline(supervisor)
         found = [
             p
             for p in children_of(supervisor)
