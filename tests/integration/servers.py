@@ -202,6 +202,46 @@ def children_of(pid: int, *, templates: bool = False) -> list[int]:
     return sorted(kids)
 
 
+def cmdline(pid: int) -> bytes:
+    """/proc/PID/cmdline (b"" once the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def workers_of(
+    supervisor: int,
+    count: int,
+    *,
+    exclude: frozenset[int] | set[int] = frozenset(),
+    timeout: float = 10.0,
+    exact: bool = False,
+) -> list[int]:
+    """The supervisor's children once ``count`` (exactly, with ``exact``) of them, not in
+    ``exclude``, have exec'd their program: their cmdline is no longer the supervisor's, so
+    set-up, privilege drop and dup2 are done."""
+    found: list[int] = []
+
+    def enough() -> bool:
+        nonlocal found
+        # Read each time: right after Popen the supervisor itself may not have exec'd yet, and
+        # its cmdline then is the test runner's, which its own pre-exec children do not share.
+        parent = cmdline(supervisor)
+        found = [
+            p
+            for p in children_of(supervisor)
+            if p not in exclude and cmdline(p) not in (b"", parent)
+        ]
+        return len(found) == count if exact else len(found) >= count
+
+    assert wait_until(enough, timeout), (
+        f"supervisor {supervisor}: {len(found)} worker(s) after {timeout}s, wanted {count} "
+        f"(children now: {children_of(supervisor)})"
+    )
+    return found
+
+
 def is_template(pid: int) -> bool:
     """Whether ``pid`` is a preload template: named so by template.py once the app is
     imported, and from its exec on recognisable by the SOCK_SEQPACKET control socket on the fd

@@ -42,6 +42,7 @@ from tests.integration.servers import (
     tcp_listen_addresses,
     templates_of,
     wait_until,
+    workers_of,
 )
 from tests.procs import REPO, can_connect_tcp, fcgispawn_argv, free_port
 
@@ -266,49 +267,11 @@ def _body(stdout: bytes | None) -> str:
 # ---- /proc helpers ------------------------------------------------------------------------------
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def _readlink(path: str) -> str:
     try:
         return os.readlink(path)
     except OSError:
         return ""
-
-
-def workers_of(
-    supervisor: int,
-    count: int,
-    *,
-    exclude: frozenset[int] | set[int] = frozenset(),
-    timeout: float = 10.0,
-    exact: bool = False,
-) -> list[int]:
-    """The supervisor's children once ``count`` (exactly, with ``exact``) have exec'd their
-    program (cmdline no longer the supervisor's)."""
-    found: list[int] = []
-
-    def enough() -> bool:
-        nonlocal found
-        # Read each time: right after Popen the supervisor itself may not have exec'd yet, and
-        # its cmdline then is the test runner's, which its own pre-exec children do not share.
-        parent = _cmdline(supervisor)
-        found = [
-            p
-            for p in children_of(supervisor)
-            if p not in exclude and _cmdline(p) not in (b"", parent)
-        ]
-        return len(found) == count if exact else len(found) >= count
-
-    assert wait_until(enough, timeout), (
-        f"supervisor {supervisor}: {len(found)} worker(s) after {timeout}s, wanted {count} "
-        f"(children now: {children_of(supervisor)})"
-    )
-    return found
 
 
 def catches(pid: int, signum: int) -> bool:

@@ -25,8 +25,9 @@ from tests.integration.servers import (
     proc_environ,
     templates_of,
     wait_until,
+    workers_of,
 )
-from tests.integration.test_cli_features import _body, fcgi_get, workers_of
+from tests.integration.test_cli_features import _body, fcgi_get
 from tests.procs import REPO
 
 #: A WSGI app module written by each test: it logs every import (one line per importing

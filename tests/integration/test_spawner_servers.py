@@ -37,6 +37,7 @@ from tests.integration.servers import (
     socket_inode,
     tcp_listen_addresses,
     wait_until,
+    workers_of,
 )
 from tests.procs import can_connect_unix, fcgispawn_argv, free_port
 
@@ -137,13 +138,6 @@ def test_reference_apache_fcgid_spawns_c_app_as_www_data(
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def wait_workers(
     supervisor: int,
     count: int,
@@ -151,25 +145,8 @@ def wait_workers(
     exclude: set[int] | frozenset[int] = frozenset(),
     timeout: float = 10.0,
 ) -> list[int]:
-    """The supervisor's children once ``count`` of them (not in ``exclude``) have exec'd their
-    program (cmdline no longer the supervisor's: set-up, privilege drop and dup2 are done)."""
-    found: list[int] = []
-    parent = _cmdline(supervisor)
-
-    def enough() -> bool:
-        nonlocal found
-        found = [
-            p
-            for p in children_of(supervisor)
-            if p not in exclude and _cmdline(p) not in (b"", parent)
-        ]
-        return len(found) >= count
-
-    assert wait_until(enough, timeout), (
-        f"supervisor {supervisor}: {len(found)} new worker(s) after {timeout}s, wanted {count} "
-        f"(children now: {children_of(supervisor)})"
-    )
-    return found
+    """servers.workers_of: at least ``count`` exec'd workers (the name these tests use)."""
+    return workers_of(supervisor, count, exclude=exclude, timeout=timeout)
 
 
 def concurrent_gets(
