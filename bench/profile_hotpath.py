@@ -215,6 +215,28 @@ def make_server_cycle(app: Callable[..., Any]) -> Callable[[], list[Any]]:
     return cycle
 
 
+def make_floor_cycle(app: Callable[..., Any]) -> Callable[[], list[Any]]:
+    """bench/floor.py's W loop body on the same socketpair: what fcgispawn's protocol and WSGI
+    layers cost without the server around them (the server-mode count minus this one is the
+    server's own overhead per request)."""
+    from bench import floor
+
+    floor.app = app
+
+    def cycle() -> list[Any]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.sendall(WIRE)
+        fd = ours.detach()
+        data = floor._request(fd)
+        floor._layered(fd, data)
+        os.close(fd)
+        got = theirs.recv(65536)
+        theirs.close()
+        return [got]
+
+    return cycle
+
+
 def _check(out: list[Any]) -> None:
     data = b"".join(bytes(b) for b in out)
     if HELLO not in data or not data.endswith(
@@ -267,7 +289,7 @@ def _callgrind(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--mode", choices=("cycle", "server"), default="cycle")
+    ap.add_argument("--mode", choices=("cycle", "server", "floor"), default="cycle")
     ap.add_argument("--cycles", type=int, default=0, help="cycles to run (default: per action)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--callgrind", action="store_true", help="instructions per request")
@@ -285,6 +307,8 @@ def main() -> None:
 
     if args.mode == "server":
         cycle = make_server_cycle(hello)
+    elif args.mode == "floor":
+        cycle = make_floor_cycle(hello)
     else:
         cycle = make_cycle(hello, legacy=args.legacy)
     _check(cycle())

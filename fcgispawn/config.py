@@ -26,12 +26,15 @@ from fcgispawn.sockets import (
 
 PassMode = Literal["fd0", "systemd"]
 
-#: Two pool threads per worker. One would save ~3-5 us/req straight at the socket (GIL
-#: hand-offs; through nginx it is a wash: bench/results/2026-11-29-threads-1-default.md), but a
-#: connection parked because its request had not arrived yet (~17 % straight at the socket)
-#: would then wait behind whatever the only thread runs next -- a slow request, or a hung one
-#: that ends the worker (--request-timeout) and resets it. The second thread picks it up.
-DEFAULT_THREADS = 2
+#: One pool thread per worker, as uWSGI, gunicorn's sync workers and php-fpm serve: a second
+#: one costs ~2.5 us/req (10 %) straight at the socket -- the two threads run at once on the two
+#: cores and hand the interpreter lock (and its cache lines) back and forth at every system
+#: call (bench/results/2026-11-29-first-wait.md). Concurrency comes from -F; --threads N is
+#: there for apps that wait on I/O. Session 2 kept two because a connection parked before its
+#: request arrived (17 % straight at the socket) waited behind whatever the only thread ran
+#: next; since server.FIRST_WAIT a new connection gets 5 ms to send before it is parked, so
+#: that is left to peers that connect and stay silent.
+DEFAULT_THREADS = 1
 #: Set by the spawner for --wsgi workers: JSON of ``RuntimeOptions.run_kwargs()``. ``python -m
 #: fcgispawn`` then serves from it without parsing its command line (which stays, for ps): a
 #: worker, and a preload template, never imports click and the option machinery.

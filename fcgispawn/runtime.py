@@ -228,7 +228,7 @@ def run(
     app_spec: str,
     listener: socket.socket | None = None,
     *,
-    threads: int = 2,
+    threads: int = 1,
     max_requests: int = 0,
     max_requests_jitter: int = 0,
     graceful_timeout: float = 30.0,
@@ -308,7 +308,8 @@ def serve(
     ``on_start`` gets the :class:`Server` before it serves: an embedder running this outside
     the main thread (no signal handlers there) keeps it to call ``stop()``. An app call that
     overruns ``request_timeout`` makes this return EXIT_REQUEST_TIMEOUT (124); the hung
-    thread is a daemon thread the embedder may want to exit over.
+    thread is a daemon thread the embedder may want to exit over. ``threads`` defaults to 2
+    here, not to the command line's 1: this one process is all there is, no -F adds more.
     """
     bound: sockets.Listener | None = None
     if isinstance(address, socket.socket):

@@ -141,6 +141,21 @@ ACCEPT_LOG_EVERY: Final = 10.0
 #: Parked idle (kept-open, between requests) connections kept at most; beyond, the connection
 #: that would become one more is closed instead. Bounds fds (runtime.py raises RLIMIT_NOFILE).
 MAX_IDLE_CONNS: Final = 1024
+#: How long a thread waits for the first bytes of a connection it just accepted before it
+#: parks the connection. A web server writes its request right after connect(), but one that
+#: waits for writability first (nginx over TCP, bench/fcgiload) is often accepted before its
+#: bytes arrive; parking it costs ~10 us (epoll_ctl, epoll_wait, a second read, the connection
+#: object), and under load the parked connections leave the backlog short enough that the
+#: next accept finds a fresh, empty one again: straight at the socket 29 % of connections were
+#: parked, 2 % with this wait (bench/results/2026-11-29-first-wait.md). A silent peer therefore
+#: costs a thread at most this long, and only once per FIRST_WAIT_BACKOFF (see _wait_first).
+FIRST_WAIT: Final = 0.005
+#: After a first wait ran out (a silent peer), new connections are parked at once for this
+#: long: a flood of silent connections costs a thread FIRST_WAIT per this period, not per peer.
+FIRST_WAIT_BACKOFF: Final = 1.0
+#: Under load, a pool thread looks at the epoll (for parked connections that became readable)
+#: at least once per this many accepts; see _worker.
+FAIR_ACCEPTS: Final = 4
 #: On a graceful stop, how long connections accepted just before it get to send their request.
 PENDING_DRAIN: Final = 1.0
 #: Parked connections owing a request (new and silent, or stalled mid-request) kept at most;
@@ -660,7 +675,7 @@ class Server:
         app: WSGIApplication,
         listener: socket.socket,
         *,
-        threads: int = 2,
+        threads: int = 1,
         max_requests: int = 0,
         max_requests_jitter: int = 0,
         graceful_timeout: float = 30.0,
@@ -732,6 +747,7 @@ class Server:
         self._calls: dict[int, tuple[float, Params]] = {}
         self._call_seq = 0
         self._exit_code = 0
+        self._first_wait_off_until = 0.0  # see _wait_first
         self._accept_down_since: float | None = None
         self._accept_logged_at = 0.0
         self._accept_failures = 0
@@ -1011,6 +1027,11 @@ class Server:
         # kept-alive connections (no new ones to accept) it saves a failing accept + exception
         # per request. A new connection always wakes a sleeper through the armed listener.
         try_accept = True
+        # Accepts in a row without a look at the epoll. Under load accept() never says EAGAIN,
+        # so a parked connection that became readable (a kept-open one with its next request,
+        # a new one whose request came late) would wait for the backlog to run dry: while any
+        # is parked, every FAIR_ACCEPTS-th turn looks at the epoll first, without sleeping.
+        streak = 0
         while True:
             if tasks:
                 try:
@@ -1020,26 +1041,32 @@ class Server:
                 else:
                     self._guard(task)
                     continue
+            timeout = -1
             if try_accept and self._accepting:
-                try:
-                    fd, addr = accept()
-                except BlockingIOError:
-                    try_accept = False
-                except OSError as exc:
-                    # Retry through the epoll: the listener's one-shot event lets exactly one
-                    # thread at a time back off and retry (see _accept_failed).
-                    try_accept = False
-                    self._accept_failed(exc)
-                else:
-                    if self._accept_down_since is not None:
-                        self._accept_recovered()
+                if streak < FAIR_ACCEPTS or not (self._pending_count or self._idle_count):
+                    streak += 1
                     try:
-                        serve_new(fd, addr, accepted)
-                    except BaseException as exc:
-                        self._internal_error(exc)
-                    continue
+                        fd, addr = accept()
+                    except BlockingIOError:
+                        try_accept = False
+                    except OSError as exc:
+                        # Retry through the epoll: the listener's one-shot event lets exactly
+                        # one thread at a time back off and retry (see _accept_failed).
+                        try_accept = False
+                        self._accept_failed(exc)
+                    else:
+                        if self._accept_down_since is not None:
+                            self._accept_recovered()
+                        try:
+                            serve_new(fd, addr, accepted)
+                        except BaseException as exc:
+                            self._internal_error(exc)
+                        continue
+                else:
+                    timeout = 0
+            streak = 0
             try:
-                events = poll(-1, 1)
+                events = poll(timeout, 1)
             except OSError as exc:  # EBADF at teardown after an abandoned drain
                 if exc.errno == errno.EBADF:
                     return
@@ -1327,8 +1354,12 @@ class Server:
             with self._lock:
                 self._work += 1
         # Non-blocking: under load the request is already there (one read); a peer that
-        # connected but has not written yet is parked by _leave, not waited for.
-        data = self._first_read(fd) if _nowait else None
+        # connected but has not written yet gets FIRST_WAIT, then it is parked by _leave.
+        data = None
+        if _nowait:
+            data = self._first_read(fd)
+            if data is None:
+                data = self._wait_first(fd)
         if data is _WHOLE:
             return
         conn = _Conn(fd, self.limits, self._family)
@@ -1340,6 +1371,19 @@ class Server:
                 self._drive(conn)
         finally:
             self._leave(conn)
+
+    def _wait_first(self, fd: int) -> Buffer | None:
+        """A new connection had nothing to read: wait FIRST_WAIT for its first bytes, then read
+        as _first_read does (None: still nothing, the caller parks it). A wait that runs out
+        turns waiting off for FIRST_WAIT_BACKOFF (one clock read per wait; the flag is a plain
+        float shared by the pool threads: a lost update only costs one extra wait)."""
+        now = time.monotonic()
+        if now < self._first_wait_off_until:
+            return None
+        if _wait_fd(fd, _POLLIN, FIRST_WAIT):
+            return self._first_read(fd)
+        self._first_wait_off_until = now + FIRST_WAIT_BACKOFF
+        return None
 
     def _first_read(self, fd: int) -> Buffer | None:
         """The first read of a connection (RWF_NOWAIT): None if nothing is there yet, _WHOLE if

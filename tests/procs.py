@@ -146,3 +146,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def stdout_until_eof(sock: socket.socket) -> bytes:
+    """The STDOUT bytes of every FastCGI response on ``sock``, read until the server closes
+    it (for tests that speak raw records instead of going through the client)."""
+    from fcgispawn.protocol import ClientConnection, StdoutData
+
+    conn = ClientConnection()
+    out = b""
+    while chunk := sock.recv(65536):
+        for ev in conn.receive(chunk):
+            if isinstance(ev, StdoutData):
+                out += ev.data
+    return out

@@ -39,7 +39,7 @@ from fcgispawn.protocol import (
 )
 from fcgispawn.server import EXIT_REQUEST_TIMEOUT, Server
 from tests.apps import wsgi_apps
-from tests.procs import REPO, ProcessGroup, process_group, wait_for
+from tests.procs import REPO, ProcessGroup, process_group, stdout_until_eof, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -81,7 +81,7 @@ class Worker:
         path: Path,
         *,
         app: str = APP,
-        threads: int = 2,
+        threads: int = 1,
         io_timeout: float = IO_TIMEOUT,
         idle_timeout: float = 60.0,
         request_timeout: float = 0.0,
@@ -180,7 +180,7 @@ def shared() -> Iterator[Worker]:
     d = Path(tempfile.mkdtemp(prefix="fs-h-", dir="/tmp"))
     try:
         with process_group() as group:
-            yield Worker(group, d / "w.sock", threads=2)
+            yield Worker(group, d / "w.sock")  # the default: one thread
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -307,12 +307,7 @@ def test_records_for_unknown_ids_are_ignored_and_the_connection_serves_on(worker
     )
     with worker.connect() as sock:
         sock.sendall(junk + encode_request(1, {b"PATH_INFO": b"/hello"}))
-        conn = ClientConnection()
-        body = b""
-        while chunk := sock.recv(65536):
-            for ev in conn.receive(chunk):
-                if isinstance(ev, StdoutData):
-                    body += ev.data
+        body = stdout_until_eof(sock)
     assert body.endswith(b"Hello, World!")
 
 
@@ -339,10 +334,11 @@ def test_client_disconnect_mid_response_is_quiet(worker: Worker) -> None:
 # --------------------------------------------------------------------------- resources
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 def test_1000_silent_connections_pin_no_thread_and_are_closed_after_the_io_timeout(
-    procs: ProcessGroup, sockdir: Path
+    procs: ProcessGroup, sockdir: Path, threads: int
 ) -> None:
-    w = Worker(procs, sockdir / "i.sock", threads=2, io_timeout=2.0)
+    w = Worker(procs, sockdir / "i.sock", threads=threads, io_timeout=2.0)
     idle = [w.connect() for _ in range(1000)]
     try:
         t0 = time.monotonic()
@@ -361,6 +357,49 @@ def test_1000_silent_connections_pin_no_thread_and_are_closed_after_the_io_timeo
         for sock in idle:
             sock.close()
     assert w.ok()
+
+
+def test_parked_connection_is_served_while_new_connections_never_let_the_backlog_drain(
+    procs: ProcessGroup, sockdir: Path
+) -> None:
+    """One thread; a connection parked before its request came, then 12 clients keeping the
+    backlog full with 5 ms requests: accept() never says EAGAIN, yet the parked connection's
+    request is answered within a few requests, not when the load stops."""
+    w = Worker(procs, sockdir / "f.sock", threads=1, io_timeout=10.0)
+    late = w.connect()
+    time.sleep(0.3)  # accepted, FIRST_WAIT ran out: parked
+    stop = time.monotonic() + 3.0
+    served: list[int] = []
+    failures: list[BaseException] = []
+
+    def load() -> None:
+        client = w.client(timeout=20)
+        while time.monotonic() < stop:
+            try:
+                assert client.request(_get("/slow", "s=0.005")).body == b"slept"
+                served.append(1)
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(12)]
+    for t in threads:
+        t.start()
+    with late:
+        time.sleep(0.5)  # the backlog is full now
+        t0 = time.monotonic()
+        params = {k.encode(): v.encode() for k, v in _get("/query", "late").items()}
+        late.sendall(encode_request(1, params))
+        body = stdout_until_eof(late)
+        took = time.monotonic() - t0
+        still_loading = time.monotonic() < stop - 0.2
+    for t in threads:
+        t.join(30)
+    assert body.endswith(b"late")
+    assert not failures, (failures[:3], w.stderr)
+    assert still_loading, "the load ended before the parked request was answered"
+    assert took < 1.0, f"the parked connection's request took {took:.2f} s under load"
+    assert len(served) > 100
 
 
 def test_out_of_fds_accept_backs_off_and_serving_resumes_when_fds_free_up(

@@ -37,6 +37,7 @@ from fcgispawn.protocol import (
 )
 from fcgispawn.server import Server, parse_web_server_addrs
 from tests.apps import wsgi_apps
+from tests.procs import stdout_until_eof
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -650,12 +651,7 @@ def test_request_sent_on_a_parked_connection_during_stop_is_served(start: Start)
         stopper = threading.Thread(target=run.stop)
         stopper.start()
         sock.settimeout(10)
-        conn = ClientConnection()
-        got = b""
-        while chunk := sock.recv(65536):
-            for ev in conn.receive(chunk):
-                if isinstance(ev, StdoutData):
-                    got += ev.data
+        got = stdout_until_eof(sock)
         stopper.join(10)
     assert got.endswith(b"late")
 
@@ -828,3 +824,29 @@ def test_a_whole_request_after_part_of_a_record_is_read_as_the_rest_of_that_reco
         with pytest.raises(TimeoutError):
             sock.recv(65536)
     assert run.client().request(_get("/hello")).body == b"Hello, World!"
+
+
+def test_new_connection_gets_first_wait_and_a_silent_one_turns_waiting_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection accepted a moment before its request arrives is read, not parked; one
+    that stays silent costs FIRST_WAIT once, and then new connections are parked at once."""
+    monkeypatch.setattr(server_mod, "FIRST_WAIT", 0.2)  # room for a slow timer thread
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv = Server(wsgi_apps.app, listener, log=lambda _: None)
+    late, peer = socket.socketpair()
+    silent, silent_peer = socket.socketpair()
+    other, other_peer = socket.socketpair()
+    with listener, late, peer, silent, silent_peer, other, other_peer:
+        timer = threading.Timer(0.001, peer.sendall, (b"\x01\x01",))  # part of a header
+        timer.start()
+        data = srv._wait_first(late.fileno())
+        timer.join()
+        assert data is not None and bytes(data) == b"\x01\x01"
+
+        t0 = time.monotonic()
+        assert srv._wait_first(silent.fileno()) is None
+        assert time.monotonic() - t0 >= server_mod.FIRST_WAIT * 0.9
+        t0 = time.monotonic()
+        assert srv._wait_first(other.fileno()) is None  # within FIRST_WAIT_BACKOFF: no wait
+        assert time.monotonic() - t0 < server_mod.FIRST_WAIT / 2

@@ -195,7 +195,7 @@ def test_environ_carries_what_the_server_sent(frontend: Frontend) -> None:
     assert environ["QUERY_STRING"] == "x=1&y=%20"
     assert environ["SERVER_PROTOCOL"].startswith("HTTP/")
     assert environ["wsgi.url_scheme"] == "http"
-    assert environ["wsgi.multithread"] is True
+    assert environ["wsgi.multithread"] is False  # one thread per worker by default
 
 
 def test_20mb_streamed_response_arrives_complete(frontend: Frontend) -> None:
