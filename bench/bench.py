@@ -32,9 +32,9 @@ from bench import common
 from bench.common import BENCH, REPO, VENV_BIN, VENV_PYTHON, log
 
 HELLO = b"Hello, World!"
-PEERS = ("fcgispawn", "fcgispawn-1t", "uwsgi", "flup-fork", "flup-threaded", "c-app", "floor")
+PEERS = ("fcgispawn", "fcgispawn-2t", "uwsgi", "flup-fork", "flup-threaded", "c-app", "floor")
 #: Run unless --peers says otherwise; "floor" is a measurement aid (bench/floor.py), not a peer.
-DEFAULT_PEERS = ("fcgispawn", "fcgispawn-1t", "uwsgi", "flup-fork", "flup-threaded", "c-app")
+DEFAULT_PEERS = ("fcgispawn", "fcgispawn-2t", "uwsgi", "flup-fork", "flup-threaded", "c-app")
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,11 @@ BACKENDS: dict[str, Backend] = {
         ],
         3,
     ),
-    "fcgispawn-1t": Backend(
-        "fcgispawn-1t",
-        "fcgispawn -n -F 2 --threads 1 --wsgi bench.apps:app",
+    "fcgispawn-2t": Backend(
+        "fcgispawn-2t",
+        "fcgispawn -n -F 2 --threads 2 --wsgi bench.apps:app",
         lambda sock, tools: [
-            str(VENV_BIN / "fcgispawn"), "-n", "-s", str(sock), "-F", "2", "--threads", "1",
+            str(VENV_BIN / "fcgispawn"), "-n", "-s", str(sock), "-F", "2", "--threads", "2",
             "--wsgi", "bench.apps:app",
         ],
         3,
