@@ -109,8 +109,9 @@ def _log(message: str) -> None:
 
 
 class _CycleReq:
-    """The parts of server._Req the hot path touches: a deferring send and a call_app wrapper
-    that learns whether the app returned a list (then the response is one sendmsg)."""
+    """The parts of server._Req the hot path touches: a deferring send, and ``defer``, which
+    run_app sets when the app returns a list (then the response is one sendmsg). Trees from
+    before run_app's ``batching`` wrap the app instead (call_app)."""
 
     __slots__ = ("app", "defer", "pending")
 
@@ -152,7 +153,8 @@ def make_cycle(app: Callable[..., Any], *, legacy: bool = False) -> Callable[[],
     build_latin1 = getattr(wsgi, "build_environ_latin1", None)
     if build_latin1 is None:  # a tree from before the fast path
         legacy = True
-    run_app = wsgi.run_app
+    run_app: Any = wsgi.run_app
+    batching = hasattr(wsgi, "Batching")
     input_stream = wsgi.InputStream
     error_stream = wsgi.ErrorStream
 
@@ -190,7 +192,10 @@ def make_cycle(app: Callable[..., Any], *, legacy: bool = False) -> Callable[[],
                 multithread=True,
                 multiprocess=True,
             )
-        status = run_app(req.call_app, environ, req.send, log=_log)
+        if batching:
+            status = run_app(app, environ, req.send, log=_log, batching=req)
+        else:
+            status = run_app(req.call_app, environ, req.send, log=_log)
         return proto.respond(rid, req.pending, status)
 
     return cycle
@@ -202,12 +207,21 @@ def make_server_cycle(app: Callable[..., Any]) -> Callable[[], list[Any]]:
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server = Server(app, listener, threads=2, multiprocess=True, log=_log)
+    # What a pool thread passes: its own counters (trees before them: none, counted under the
+    # lock, which the real accept path never did).
+    cell: list[int] | None = None
+    if hasattr(server, "_cells"):
+        cell = [0, 0]
+        server._cells.append(cell)
 
     def cycle() -> list[Any]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         theirs.sendall(WIRE)
         fd = ours.detach()
-        server._serve_new(fd, "")
+        if cell is None:
+            server._serve_new(fd, "")
+        else:
+            server._serve_new(fd, "", cell)
         got = theirs.recv(65536)
         theirs.close()
         return [got]
@@ -215,20 +229,21 @@ def make_server_cycle(app: Callable[..., Any]) -> Callable[[], list[Any]]:
     return cycle
 
 
-def make_floor_cycle(app: Callable[..., Any]) -> Callable[[], list[Any]]:
+def make_floor_cycle(app: Callable[..., Any], *, bare: bool = False) -> Callable[[], list[Any]]:
     """bench/floor.py's W loop body on the same socketpair: what fcgispawn's protocol and WSGI
     layers cost without the server around them (the server-mode count minus this one is the
     server's own overhead per request)."""
     from bench import floor
 
     floor.app = app
+    handle = floor._bare if bare else floor._layered
 
     def cycle() -> list[Any]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         theirs.sendall(WIRE)
         fd = ours.detach()
         data = floor._request(fd)
-        floor._layered(fd, data)
+        handle(fd, data)
         os.close(fd)
         got = theirs.recv(65536)
         theirs.close()
@@ -289,7 +304,7 @@ def _callgrind(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--mode", choices=("cycle", "server", "floor"), default="cycle")
+    ap.add_argument("--mode", choices=("cycle", "server", "floor", "bare"), default="cycle")
     ap.add_argument("--cycles", type=int, default=0, help="cycles to run (default: per action)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--callgrind", action="store_true", help="instructions per request")
@@ -307,8 +322,8 @@ def main() -> None:
 
     if args.mode == "server":
         cycle = make_server_cycle(hello)
-    elif args.mode == "floor":
-        cycle = make_floor_cycle(hello)
+    elif args.mode in ("floor", "bare"):
+        cycle = make_floor_cycle(hello, bare=args.mode == "bare")
     else:
         cycle = make_cycle(hello, legacy=args.legacy)
     _check(cycle())

@@ -82,7 +82,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from fcgispawn.protocol import (
@@ -103,7 +103,6 @@ from fcgispawn.protocol import (
 )
 from fcgispawn.wsgi import (
     ErrorStream,
-    FileWrapper,
     InputStream,
     WSGIApplication,
     build_environ_latin1,
@@ -212,6 +211,10 @@ _NO_CHUNKS: Final[collections.deque[bytes]] = collections.deque(maxlen=0)
 _PEEK_DONTWAIT: Final = socket.MSG_DONTWAIT | socket.MSG_PEEK
 #: _first_read's answer for "a whole request came and was answered, the fd is closed".
 _WHOLE: Final = memoryview(b"")
+#: wsgi.input of every whole request (its body is empty), shared: an InputStream whose source
+#: is bytes() only ever stores b"", 0 and True in itself, so no request can leave state in it
+#: for the next one (and __slots__ keeps apps from adding any).
+_NO_BODY: Final = InputStream(bytes)
 _RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)
 _POLLIN: Final = select.POLLIN
 _POLLOUT: Final = select.POLLOUT
@@ -306,31 +309,23 @@ def parse_web_server_addrs(text: str | Sequence[str] | None) -> frozenset[str] |
 
 
 class _Output:
-    """The response side of a request: the app-call wrapper and STDOUT, written at once or
-    coalesced. Subclasses say how records reach the socket and when the peer is gone."""
+    """The response side of a request: STDOUT, written at once or coalesced (``defer``, set by
+    run_app: see wsgi.Batching). Subclasses say how records reach the socket; ``aborted`` says
+    the web server aborted the request or is gone (a plain attribute: send() tests it on every
+    chunk)."""
 
-    __slots__ = ("defer", "pending", "pending_bytes", "rid", "server")
+    __slots__ = ("aborted", "defer", "pending", "pending_bytes", "rid", "server")
 
     server: Server
     rid: int
+    aborted: bool
     defer: bool
     pending: list[Buffer]
     pending_bytes: int
 
-    def call_app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        """Wraps the app to learn what it returned: a list/tuple/file_wrapper holds no further
-        computation between chunks, so its chunks may be coalesced with END_REQUEST into one
-        sendmsg without delaying anything (PEP 3333 forbids delaying a block while the app
-        computes the next one, so generators are sent chunk by chunk)."""
-        result: Iterable[bytes] = self.server.app(environ, start_response)
-        rtype = type(result)
-        if rtype is list or rtype is tuple or rtype is FileWrapper:
-            self.defer = True
-        return result
-
     def send(self, bufs: list[bytes]) -> None:
         """``run_app``'s send callback: frame as STDOUT records and write (or coalesce)."""
-        if self._gone():
+        if self.aborted:
             raise BrokenPipeError(errno.EPIPE, "the web server aborted the request")
         if self.defer:
             self.pending.extend(bufs)
@@ -341,9 +336,6 @@ class _Output:
             self.pending = []
             self.pending_bytes = 0
         self._write_stdout(bufs)
-
-    def _gone(self) -> bool:
-        raise NotImplementedError
 
     def _write_stdout(self, bufs: list[bytes]) -> None:
         raise NotImplementedError
@@ -357,7 +349,6 @@ class _Req(_Output):
     """
 
     __slots__ = (
-        "aborted",
         "chunks",
         "conn",
         "data_chunks",
@@ -424,9 +415,6 @@ class _Req(_Output):
 
     # -- the response ---------------------------------------------------------------------------
 
-    def _gone(self) -> bool:
-        return self.aborted
-
     def _write_stdout(self, bufs: list[bytes]) -> None:
         conn = self.conn
         if len(bufs) == 1:
@@ -456,7 +444,7 @@ class _Whole(_Output):
     ``protocol.whole_responder_request``): it needs no protocol state and no _Conn, only its
     socket, so the server answers it with the fewest steps a correct response allows."""
 
-    __slots__ = ("dead", "fd", "stderr_used")
+    __slots__ = ("fd", "stderr_used")
 
     def __init__(self, server: Server, fd: int, rid: int) -> None:
         self.server = server
@@ -465,17 +453,14 @@ class _Whole(_Output):
         self.defer = False
         self.pending = []
         self.pending_bytes = 0
-        self.dead = False
+        self.aborted = False  # the connection failed: nothing more is written
         self.stderr_used = False
-
-    def _gone(self) -> bool:
-        return self.dead
 
     def _write(self, records: list[Buffer]) -> None:
         try:
             _write_all(self.fd, records, self.server.io_timeout, None)
         except OSError:
-            self.dead = True
+            self.aborted = True
             raise
 
     def _write_stdout(self, bufs: list[bytes]) -> None:
@@ -483,7 +468,7 @@ class _Whole(_Output):
 
     def send_stderr(self, data: bytes) -> None:
         """``wsgi.errors`` sink, as _Req.send_stderr."""
-        if self.dead:
+        if self.aborted:
             raise BrokenPipeError(errno.EPIPE, "the connection is gone")
         records = frame_stream(self.rid, (data,), stderr=True)
         if records:
@@ -493,7 +478,7 @@ class _Whole(_Output):
     def finish(self, app_status: int) -> None:
         """What is pending + the end of the streams + END_REQUEST, then close."""
         # (try/except, not contextlib.suppress: that costs ~0.5 us, on every request)
-        if not self.dead:
+        if not self.aborted:
             tail = encode_response(self.rid, self.pending, app_status, stderr_used=self.stderr_used)
             try:  # noqa: SIM105
                 _write_all(self.fd, tail, self.server.io_timeout, None)
@@ -724,12 +709,15 @@ class Server:
         self._tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
         _nowait_io()
         self._lock = threading.Lock()
-        # Connections owned by a thread + queued tasks = _work + the sum of _accepted: each
-        # pool thread counts the connections it accepts in its own cell (one writer per cell,
-        # so no lock), and every release decrements _work under the lock it takes anyway.
-        # A new connection thus costs one _lock section instead of two. Read with _busy().
+        # Connections owned by a thread + queued tasks = _work + the sum of the pool threads'
+        # cell[0]; requests served = _served + the sum of their cell[1]. Each pool thread
+        # counts in its own cell (one writer per cell, so no lock): the connections it accepts,
+        # and the whole requests it answers on them (_serve_whole), which so take no lock at
+        # all while nothing waits on the counts (a stop, --max-requests). Every other release
+        # decrements _work and adds to _served under the lock it takes anyway. Read with
+        # _busy() and _served_total().
         self._work = 0
-        self._accepted: list[list[int]] = []
+        self._cells: list[list[int]] = []
         self._served = 0
         self._watched: dict[int, _Conn] = {}  # fd -> connection registered (armed) in the epoll
         self._idle_count = 0  # parked between requests (kept open by the web server)
@@ -763,7 +751,7 @@ class Server:
     @property
     def served(self) -> int:
         """Requests completed so far (for tests and logs)."""
-        return self._served
+        return self._served_total()
 
     def stop(self, graceful: bool = True) -> None:
         """Ask the server to stop: finish in-flight requests (graceful) or leave at once.
@@ -1001,12 +989,18 @@ class Server:
     def _busy(self) -> int:
         """Connections owned by a thread + queued tasks (caller holds ``_lock``)."""
         work = self._work
-        for cell in self._accepted:
+        for cell in self._cells:
             work += cell[0]
         return work
 
+    def _served_total(self) -> int:
+        served = self._served
+        for cell in self._cells:
+            served += cell[1]
+        return served
+
     def _max_reached(self) -> bool:
-        return bool(self.max_requests) and self._served >= self.max_requests
+        return bool(self.max_requests) and self._served_total() >= self.max_requests
 
     # -- pool threads ---------------------------------------------------------------------------
 
@@ -1020,8 +1014,8 @@ class Server:
         lfd, stop_fd, task_fd = self._lfd, self._stop_fd, self._task_fd
         tasks = self._tasks
         serve_new = self._serve_new
-        accepted = [0]  # this thread's count of accepted connections (see Server._work)
-        self._accepted.append(accepted)
+        cell = [0, 0]  # this thread's counts (see Server._work)
+        self._cells.append(cell)
         # Try accept() before sleeping only while the last try found a connection (or the
         # thread just took one from the listener): under load that skips epoll entirely; with
         # kept-alive connections (no new ones to accept) it saves a failing accept + exception
@@ -1058,7 +1052,7 @@ class Server:
                         if self._accept_down_since is not None:
                             self._accept_recovered()
                         try:
-                            serve_new(fd, addr, accepted)
+                            serve_new(fd, addr, cell)
                         except BaseException as exc:
                             self._internal_error(exc)
                         continue
@@ -1090,7 +1084,7 @@ class Server:
                         if self._accept_down_since is not None:
                             self._accept_recovered()
                         try:
-                            serve_new(got[0], got[1], accepted)
+                            serve_new(got[0], got[1], cell)
                         except BaseException as exc:
                             self._internal_error(exc)
                 elif fd == stop_fd:
@@ -1256,12 +1250,14 @@ class Server:
             self._wake_main()
         self._after_release(max_hit, stopping, work)
 
-    def _done(self, nserved: int) -> None:
-        """_release for a connection that was closed already (see _serve_whole)."""
+    def _done(self, nserved: int, *, counted: bool = False) -> None:
+        """_release for a connection that was closed already (see _serve_whole); ``counted``:
+        the caller took it off the counts itself, only the checks are left."""
         work = 1
         with self._lock:
-            self._work -= 1
-            self._served += nserved
+            if not counted:
+                self._work -= 1
+                self._served += nserved
             stopping = self._stopping
             if not stopping and not self.max_requests:
                 return  # nothing waits on this count: the common case, one lock section
@@ -1274,7 +1270,7 @@ class Server:
         """Whether --max-requests is reached (caller holds ``_lock``): then stop taking
         connections now, not when the coordinator gets the GIL -- the pool threads would
         otherwise accept (and serve) well past the limit."""
-        max_hit = bool(self.max_requests) and self._served >= self.max_requests
+        max_hit = bool(self.max_requests) and self._served_total() >= self.max_requests
         if max_hit and self._accepting:
             self._accepting = False
             if self._ep is not None:
@@ -1340,16 +1336,16 @@ class Server:
 
     # -- serving a connection -------------------------------------------------------------------
 
-    def _serve_new(self, fd: int, addr: Any, accepted: list[int] | None = None) -> None:
+    def _serve_new(self, fd: int, addr: Any, cell: list[int] | None = None) -> None:
         """A freshly accepted connection: filter the peer, then read and serve inline.
 
-        ``accepted``: the calling pool thread's own counter cell (see ``_work``); without one
-        (a caller outside the pool) the connection is counted under the lock."""
+        ``cell``: the calling pool thread's own counters (see ``_work``); without them (a
+        caller outside the pool) the connection is counted under the lock."""
         if self.allowed is not None and self._tcp and addr[0] not in self.allowed:
             os.close(fd)
             return
-        if accepted is not None:
-            accepted[0] += 1  # this thread is the cell's only writer
+        if cell is not None:
+            cell[0] += 1  # this thread is the cell's only writer
         else:
             with self._lock:
                 self._work += 1
@@ -1357,9 +1353,9 @@ class Server:
         # connected but has not written yet gets FIRST_WAIT, then it is parked by _leave.
         data = None
         if _nowait:
-            data = self._first_read(fd)
+            data = self._first_read(fd, cell)
             if data is None:
-                data = self._wait_first(fd)
+                data = self._wait_first(fd, cell)
         if data is _WHOLE:
             return
         conn = _Conn(fd, self.limits, self._family)
@@ -1372,7 +1368,7 @@ class Server:
         finally:
             self._leave(conn)
 
-    def _wait_first(self, fd: int) -> Buffer | None:
+    def _wait_first(self, fd: int, cell: list[int] | None) -> Buffer | None:
         """A new connection had nothing to read: wait FIRST_WAIT for its first bytes, then read
         as _first_read does (None: still nothing, the caller parks it). A wait that runs out
         turns waiting off for FIRST_WAIT_BACKOFF (one clock read per wait; the flag is a plain
@@ -1381,14 +1377,14 @@ class Server:
         if now < self._first_wait_off_until:
             return None
         if _wait_fd(fd, _POLLIN, FIRST_WAIT):
-            return self._first_read(fd)
+            return self._first_read(fd, cell)
         self._first_wait_off_until = now + FIRST_WAIT_BACKOFF
         return None
 
-    def _first_read(self, fd: int) -> Buffer | None:
+    def _first_read(self, fd: int, cell: list[int] | None) -> Buffer | None:
         """The first read of a connection (RWF_NOWAIT): None if nothing is there yet, _WHOLE if
-        it was one whole request, answered and closed (_serve_whole), else the bytes (``b""``
-        at EOF), a view of this thread's buffer for the caller to feed."""
+        it was one whole request, answered and closed (_serve_whole; ``cell`` as there), else
+        the bytes (``b""`` at EOF), a view of this thread's buffer for the caller to feed."""
         bufs, view = _read_buffer()
         try:
             n = os.preadv(fd, bufs, -1, _RWF_NOWAIT)
@@ -1400,18 +1396,20 @@ class Server:
         whole = whole_responder_request(data, self.limits) if n else None
         if whole is None:
             return data
-        self._serve_whole(fd, whole)
+        self._serve_whole(fd, whole, cell)
         return _WHOLE
 
-    def _serve_whole(self, fd: int, params: Params) -> None:
+    def _serve_whole(self, fd: int, params: Params, cell: list[int] | None) -> None:
         """Answer the one request of a connection that carries nothing else, then close it:
-        the same environ, app call and bytes as _run + _end, without the connection state."""
+        the same environ, app call and bytes as _run + _end, without the connection state.
+        ``cell``: the counters of the pool thread that accepted the connection and counted it
+        there (None: it was counted in ``_work``, as a parked one picked up)."""
         out = _Whole(self, fd, params.request_id)
         status = 1
         try:
             environ = build_environ_latin1(
                 params.take_latin1(),
-                input=InputStream(bytes),  # bytes() is b"": the body is empty
+                input=_NO_BODY,
                 errors=ErrorStream(out.send_stderr),
                 multithread=self.multithread,
                 multiprocess=self.multiprocess,
@@ -1419,9 +1417,17 @@ class Server:
             status = self._call(out, environ, params)
         except BaseException as exc:
             self._app_escaped(exc)
-            out.dead = True
+            out.aborted = True
         out.finish(status)
-        self._done(1)
+        if cell is None:
+            self._done(1)
+            return
+        cell[0] -= 1
+        cell[1] += 1
+        # Counted before the flags are read: a stop that set _stopping earlier is seen here;
+        # one that sets it later reads these counts under its lock (_busy).
+        if self._stopping or self.max_requests:
+            self._done(0, counted=True)
 
     def _pickup(self, conn: _Conn) -> None:
         """A parked connection became readable: read without blocking, then serve inline.
@@ -1434,7 +1440,7 @@ class Server:
             # A web server that connected before writing (nginx does, often): its request may
             # still be a whole one. Not after part of a record (those bytes belong to what
             # comes now), and no socket object may hold the fd that _serve_whole closes.
-            data = self._first_read(conn.fd)
+            data = self._first_read(conn.fd, None)
             if data is _WHOLE:
                 return
             try:
@@ -1768,10 +1774,10 @@ class Server:
     def _call(self, out: _Output, environ: dict[str, Any], params: Params) -> int:
         """run_app for one request, registered with the request_timeout watchdog if any."""
         if not self.request_timeout:
-            return run_app(out.call_app, environ, out.send, log=self.log)
+            return run_app(self.app, environ, out.send, log=self.log, batching=out)
         key = self._call_started(params)
         try:
-            return run_app(out.call_app, environ, out.send, log=self.log)
+            return run_app(self.app, environ, out.send, log=self.log, batching=out)
         finally:
             self._call_ended(key)
 

@@ -11,7 +11,8 @@ Public API (the server builds on it):
 - ``InputStream(source)`` — ``wsgi.input`` streaming from ``source()`` chunks, ``b""`` at EOF
 - ``ErrorStream(sink)`` — ``wsgi.errors``: text in, UTF-8 bytes out through ``sink``
 - ``FileWrapper(filelike, blksize=65536)`` — ``wsgi.file_wrapper``
-- ``run_app(app, environ, send, *, log) -> int`` — call the app, send the response, app status
+- ``run_app(app, environ, send, *, log, batching=None) -> int`` — call the app, send the
+  response, app status
 - ``parse_app_spec(spec)`` / ``load_app(spec)`` / ``WSGIAppLoadError`` — ``--wsgi MODULE:CALLABLE``
 """
 
@@ -777,12 +778,19 @@ def _format_exception(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).rstrip("\n")
 
 
+class Batching(Protocol):
+    """What ``run_app`` tells a server that may coalesce sends (see ``run_app``)."""
+
+    defer: bool
+
+
 def run_app(
     app: WSGIApplication,
     environ: dict[str, Any],
     send: Callable[[list[bytes]], None],
     *,
     log: Callable[[str], None],
+    batching: Batching | None = None,
 ) -> int:
     """Run one request through ``app`` and stream the CGI-format response to ``send``.
 
@@ -794,6 +802,11 @@ def run_app(
     never into the response body: a failure before anything was sent becomes a plain 500.
     Exceptions that are not ``Exception`` (KeyboardInterrupt, SystemExit) propagate after
     ``close()``, for the server to decide.
+
+    ``batching.defer`` is set True when the app returned a list, tuple or file_wrapper: no app
+    code runs between its chunks, so the server may hold them and write them together with
+    what ends the response (PEP 3333 forbids holding a chunk back only while the app computes
+    the next one: a generator's chunks must go out as they come).
     """
     resp = _Response(send, log)
     errors = environ.get("wsgi.errors")
@@ -801,6 +814,10 @@ def run_app(
     failed = False
     try:
         result = app(environ, resp.start_response)
+        if batching is not None:
+            rtype = type(result)
+            if rtype is list or rtype is tuple or rtype is FileWrapper:
+                batching.defer = True
         if resp.send_error is None:  # the app may have hit a dead peer through write() already
             _send_result(resp, result)
     except ClientDisconnected as exc:

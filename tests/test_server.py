@@ -840,13 +840,13 @@ def test_new_connection_gets_first_wait_and_a_silent_one_turns_waiting_off(
     with listener, late, peer, silent, silent_peer, other, other_peer:
         timer = threading.Timer(0.001, peer.sendall, (b"\x01\x01",))  # part of a header
         timer.start()
-        data = srv._wait_first(late.fileno())
+        data = srv._wait_first(late.fileno(), None)
         timer.join()
         assert data is not None and bytes(data) == b"\x01\x01"
 
         t0 = time.monotonic()
-        assert srv._wait_first(silent.fileno()) is None
+        assert srv._wait_first(silent.fileno(), None) is None
         assert time.monotonic() - t0 >= server_mod.FIRST_WAIT * 0.9
         t0 = time.monotonic()
-        assert srv._wait_first(other.fileno()) is None  # within FIRST_WAIT_BACKOFF: no wait
+        assert srv._wait_first(other.fileno(), None) is None  # within FIRST_WAIT_BACKOFF: no wait
         assert time.monotonic() - t0 < server_mod.FIRST_WAIT / 2

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 from wsgiref.validate import validator
 
@@ -1464,3 +1464,40 @@ def test_head_cache_keeps_the_content_length_per_head() -> None:
         out = serve(app, validate=False)
         assert out.body == b"to"
         assert out.status == 1
+
+
+class _Deferred:
+    """A server's side of run_app's ``batching``: records whether it was told to coalesce,
+    and whether that was before the first send."""
+
+    def __init__(self) -> None:
+        self.defer = False
+        self.defer_at_first_send: bool | None = None
+
+    def send(self, bufs: list[bytes]) -> None:
+        if self.defer_at_first_send is None:
+            self.defer_at_first_send = self.defer
+
+
+@pytest.mark.parametrize(
+    ("kind", "coalesce"),
+    [("list", True), ("tuple", True), ("file_wrapper", True), ("generator", False)],
+)
+def test_run_app_lets_the_server_coalesce_only_responses_without_app_code_between_chunks(
+    kind: str, coalesce: bool
+) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        if kind == "list":
+            return [b"a", b"b"]
+        if kind == "tuple":
+            return (b"a", b"b")
+        if kind == "file_wrapper":
+            return cast(Iterable[bytes], environ["wsgi.file_wrapper"](io.BytesIO(b"ab")))
+        return (chunk for chunk in (b"a", b"b"))
+
+    sink = _Deferred()
+    status = run_app(app, environ_for(None), sink.send, log=print, batching=sink)
+    assert status == 0
+    assert sink.defer is coalesce
+    assert sink.defer_at_first_send is coalesce  # decided before anything was sent
