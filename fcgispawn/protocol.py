@@ -792,6 +792,10 @@ class ServerConnection(_Reader):
         "_pending",
         "_requests",
         "_should_close",
+        "_skip",
+        "_stream_left",
+        "_stream_rid",
+        "_stream_type",
     )
 
     def __init__(
@@ -816,6 +820,12 @@ class ServerConnection(_Reader):
         self._requests: dict[int, _Request] = {}
         self._pending = bytearray()
         self._should_close = False
+        # A STDIN/DATA record cut by the end of a read: its content goes out as it arrives
+        # (_parse, _feed), so a large body is never copied into the buffer to be reassembled.
+        self._stream_rid = 0
+        self._stream_type = 0
+        self._stream_left = 0  # content bytes of that record still to come
+        self._skip = 0  # then its padding bytes still to come
 
     # -- input ----------------------------------------------------------------------------
 
@@ -831,6 +841,8 @@ class ServerConnection(_Reader):
             and not self._requests
             and not self._buf
             and not self._failed
+            and not self._stream_left
+            and not self._skip
         ):
             try:
                 if self._parse_whole_request(data, events):  # type: ignore[arg-type]
@@ -851,6 +863,49 @@ class ServerConnection(_Reader):
         self._feed(data, events)  # type: ignore[arg-type]
         return events
 
+    @property
+    def mid_record(self) -> bool:
+        """Whether part of a record came and the next read continues it."""
+        return len(self._buf) > self._pos or bool(self._stream_left or self._skip)
+
+    def _stream(self, rtype: int, rid: int, left: int, remaining: int) -> None:
+        """A STDIN/DATA record was cut: ``remaining`` bytes of it are still to come, ``left``
+        of them content, the rest padding (the content so far is out as an event already)."""
+        self._stream_type = rtype
+        self._stream_rid = rid
+        self._stream_left = left
+        self._skip = remaining - left
+
+    def _feed(self, data: bytes | bytearray | memoryview, events: list[object]) -> None:
+        if self._stream_left or self._skip:
+            if self._failed:
+                raise ProtocolError("connection already failed")
+            # The rest of a cut STDIN/DATA record: one copy, into its event, and on to the next
+            # record. A request ended meanwhile (the app returned without reading its whole
+            # body) takes the rest of its record with it, as whole records for it would be.
+            with memoryview(data) as mv:
+                flat = mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+                n = len(flat)
+                take = min(self._stream_left, n)
+                if take:
+                    self._stream_left -= take
+                    rid = self._stream_rid
+                    if rid in self._requests:
+                        chunk = bytes(flat[:take])
+                        if self._stream_type == _STDIN:
+                            events.append(Stdin(rid, chunk))
+                        else:
+                            events.append(Data(rid, chunk))
+                skipped = 0
+                if not self._stream_left:
+                    skipped = min(self._skip, n - take)
+                    self._skip -= skipped
+                used = take + skipped
+                if used < n:
+                    super()._feed(flat[used:], events)
+            return
+        super()._feed(data, events)
+
     def _parse(self, view: bytes | memoryview, pos: int, end: int, events: list[object]) -> int:
         requests = self._requests
         unpack = _HEADER.unpack_from
@@ -863,7 +918,18 @@ class ServerConnection(_Reader):
             stop = start + clen
             nxt = stop + plen
             if nxt > end:
-                break
+                # Cut by the end of this read. STDIN and DATA of an active request are handed
+                # on as far as they came (see _stream); any other record waits to be whole.
+                if (
+                    rtype not in (_STDIN, _DATA)
+                    or not clen
+                    or end == start
+                    or not rid
+                    or rid not in requests
+                ):
+                    break
+                stop = min(stop, end)
+                nxt = end
             pos = nxt
             if rid == 0:
                 self._management(rtype, view[start:stop])
@@ -905,6 +971,8 @@ class ServerConnection(_Reader):
                     raise ProtocolError(f"request {rid}: STDIN after the end of STDIN")
                 if clen:
                     append(Stdin(rid, bytes(view[start:stop])))
+                    if pos == end and start + clen + plen > end:
+                        self._stream(rtype, rid, start + clen - stop, start + clen + plen - end)
                 else:
                     req.stdin_open = False
                     append(_STDIN_END.get(rid) or Stdin(rid, b""))
@@ -918,6 +986,8 @@ class ServerConnection(_Reader):
                 if not clen:
                     req.data_open = False
                 append(Data(rid, bytes(view[start:stop])))
+                if clen and pos == end and start + clen + plen > end:
+                    self._stream(rtype, rid, start + clen - stop, start + clen + plen - end)
             elif rtype == _ABORT:
                 if clen:
                     raise ProtocolError(f"request {rid}: ABORT_REQUEST with a body")

@@ -160,3 +160,21 @@ def stdout_until_eof(sock: socket.socket) -> bytes:
             if isinstance(ev, StdoutData):
                 out += ev.data
     return out
+
+
+def merge_body_chunks(events: Sequence[object]) -> list[object]:
+    """``events`` with each run of non-empty STDIN (or FCGI_DATA) chunks of one request joined
+    into one event: ServerConnection hands a body on as it arrives, so how a body is split into
+    events depends on how the bytes were read; everything else must not."""
+    from fcgispawn.protocol import Data, Stdin
+
+    out: list[object] = []
+    for ev in events:
+        prev = out[-1] if out else None
+        if isinstance(ev, Stdin | Data) and ev.data and type(prev) is type(ev):
+            assert isinstance(prev, Stdin | Data)
+            if prev.request_id == ev.request_id and prev.data:
+                out[-1] = type(ev)(ev.request_id, prev.data + ev.data)
+                continue
+        out.append(ev)
+    return out

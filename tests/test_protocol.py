@@ -48,6 +48,7 @@ from fcgispawn.protocol import (
     encode_response,
     encode_stream,
 )
+from tests.procs import merge_body_chunks
 
 # --- hand-written wire helpers ------------------------------------------------------------------
 
@@ -320,8 +321,36 @@ def test_byte_at_a_time_gives_the_same_events_as_one_segment() -> None:
     got: list[Event] = []
     for i in range(len(wire)):
         got += slow.receive(wire[i : i + 1])
-    assert got == expected
+    # (the body comes out as it arrives: 100 one-byte STDIN events here)
+    assert merge_body_chunks(got) == expected
     assert slow.pending_output() == whole.pending_output() != b""
+
+
+def test_a_body_record_cut_by_a_read_is_handed_on_as_it_arrives_not_buffered() -> None:
+    body = bytes(range(256)) * 234  # 59,904 bytes in one STDIN record
+    wire = nginx_request(stdin=body) + nginx_request(rid=2, stdin=b"next")
+    conn = ServerConnection(Limits(max_requests_per_conn=2))
+    first = conn.receive(wire[:30_000])  # the first STDIN record is cut after ~29 KB
+    stdin = [e.data for e in first if isinstance(e, Stdin)]
+    assert stdin and 0 < len(stdin[-1]) < len(body)
+    assert conn.mid_record and len(conn._buf) == 0  # nothing of it copied into the buffer
+    rest = [conn.receive(wire[i : i + 7_000]) for i in range(30_000, len(wire), 7_000)]
+    events = first + [e for part in rest for e in part]
+    assert b"".join(e.data for e in events if isinstance(e, Stdin) and e.request_id == 1) == body
+    whole = ServerConnection(Limits(max_requests_per_conn=2)).receive(wire)
+    assert merge_body_chunks(events) == merge_body_chunks(whole)
+    assert not conn.mid_record
+
+
+def test_the_rest_of_a_cut_body_record_of_an_ended_request_is_dropped() -> None:
+    conn = ServerConnection(Limits(max_requests_per_conn=2))
+    wire = nginx_request(flags=1, stdin=b"a" * 1000) + nginx_request(stdin=b"again")
+    cut = wire.index(b"a" * 1000) + 100
+    events = conn.receive(wire[:cut])
+    assert [e.data for e in events if isinstance(e, Stdin)] == [b"a" * 100]
+    conn.end_request(1, 0)  # the app answered without reading its body
+    later = conn.receive(wire[cut:])
+    assert [e.data for e in later if isinstance(e, Stdin)] == [b"again", b""]
 
 
 def test_receive_does_not_keep_a_reference_to_the_callers_buffer() -> None:

@@ -42,6 +42,7 @@ from fcgispawn.protocol import (
     encode_record,
     encode_request,
 )
+from tests.procs import merge_body_chunks
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -82,13 +83,14 @@ def cut(wire: bytes, points: list[int]) -> list[bytes]:
     return [wire[a:b] for a, b in itertools.pairwise(offsets)]
 
 
-def feed(conn: ServerConnection, chunks: list[bytes]) -> tuple[list[Event], bytes]:
+def feed(conn: ServerConnection, chunks: list[bytes]) -> tuple[list[object], bytes]:
+    """Events (a body's chunks joined: how a body is split depends on the reads) and output."""
     events: list[Event] = []
     out = b""
     for chunk in chunks:
         events += conn.receive(chunk)
         out += conn.pending_output()
-    return events, out
+    return merge_body_chunks(events), out
 
 
 @st.composite
@@ -211,7 +213,12 @@ def outcome(chunks: list[bytes], latin1: bool) -> tuple[object, ...]:
     except ProtocolError as exc:
         assert exc.__cause__ is None, repr(exc.__cause__)
         events.append(ProtocolError)
-    return tuple(events), conn.pending_output(), conn.active_requests, conn.should_close
+    return (
+        tuple(merge_body_chunks(events)),
+        conn.pending_output(),
+        conn.active_requests,
+        conn.should_close,
+    )
 
 
 whole_requests = st.tuples(
