@@ -632,11 +632,20 @@ _WHOLE_TAIL: Final = {
 }
 
 
-def _whole_shape(data: bytes | memoryview) -> tuple[int, int, int, int] | None:
+_EMPTY_PARAMS: Final = {
+    rid: _HEADER.pack(FCGI_VERSION_1, _PARAMS, rid, 0, 0) for rid in range(1, 9)
+}
+_EMPTY_STDIN: Final = {rid: _HEADER.pack(FCGI_VERSION_1, _STDIN, rid, 0, 0) for rid in range(1, 9)}
+
+
+def _whole_shape(
+    data: bytes | memoryview, body: list[bytes] | None = None
+) -> tuple[int, int, int, int] | None:
     """(request id, role, flags, end of the PARAMS content) when ``data`` is exactly BEGIN_REQUEST,
     ONE PARAMS record, the empty PARAMS and the empty STDIN -- (almost) every request a web server
     sends, in one read; None for anything else. One unpack and one compare instead of four trips
-    through the record loop."""
+    through the record loop. With ``body``, STDIN records with content may come between the
+    empty PARAMS and the empty STDIN (a small POST, as nginx sends it): see _whole_body."""
     (
         version, rtype, rid, clen, plen, role_value, flags,
         pversion, ptype, prid, pclen, pplen,
@@ -653,14 +662,44 @@ def _whole_shape(data: bytes | memoryview) -> tuple[int, int, int, int] | None:
         or ptype != _PARAMS
         or prid != rid
         or not pclen
-        or stop + pplen + 16 != end
-        or data[end - 16 :] != tail
+    ):
+        return None
+    if (stop + pplen + 16 != end or data[end - 16 :] != tail) and (
+        body is None or not _whole_body(data, rid, stop + pplen, end, body)
     ):
         return None
     return rid, role_value, flags, stop
 
 
-def whole_responder_request(data: bytes | memoryview, limits: Limits) -> Params | None:
+def _whole_body(data: bytes | memoryview, rid: int, pos: int, end: int, body: list[bytes]) -> bool:
+    """Whether ``data`` goes on from ``pos`` with the empty PARAMS, STDIN records with content
+    and the empty STDIN that ends it; if so their contents are appended to ``body``."""
+    last = end - 8
+    if (
+        pos + 8 >= last
+        or data[pos : pos + 8] != _EMPTY_PARAMS[rid]
+        or data[last:] != _EMPTY_STDIN[rid]
+    ):
+        return False
+    pos += 8
+    unpack = _HEADER.unpack_from
+    chunks: list[bytes] = []
+    while pos < last:
+        if last - pos < 8:
+            return False
+        version, rtype, srid, clen, plen = unpack(data, pos)
+        start = pos + 8
+        pos = start + clen + plen
+        if version != FCGI_VERSION_1 or rtype != _STDIN or srid != rid or not clen or pos > last:
+            return False
+        chunks.append(bytes(data[start : start + clen]))
+    body += chunks
+    return True
+
+
+def whole_responder_request(
+    data: bytes | memoryview, limits: Limits, body: list[bytes] | None = None
+) -> Params | None:
     """The one request of a connection that carries nothing else, when it came whole in one read.
 
     That is: BEGIN_REQUEST (RESPONDER, no KEEP_CONN), one PARAMS record, the empty PARAMS and
@@ -669,8 +708,12 @@ def whole_responder_request(data: bytes | memoryview, limits: Limits) -> Params 
     us close, and nothing else arrives). Returns its Params, latin-1 decoded, or None for
     anything else, including input ServerConnection would reject or answer (management
     records, other roles, KEEP_CONN, malformed pairs, limits): it handles those as always.
+
+    With ``body`` (an empty list), a request whose whole body came in the same read -- STDIN
+    records with content before the empty STDIN, what nginx sends for a small POST -- is one
+    too: the contents are appended to ``body`` (left empty when None is returned).
     """
-    shape = _whole_shape(data)
+    shape = _whole_shape(data, body)
     if shape is None:
         return None
     rid, role_value, flags, stop = shape
@@ -680,6 +723,8 @@ def whole_responder_request(data: bytes | memoryview, limits: Limits) -> Params 
         or limits.max_requests_per_conn < 1
         or stop - 24 > limits.max_params_bytes
     ):
+        if body:
+            body.clear()
         return None
     block = bytes(data[24:stop])
     ev = _new_params(Params)
@@ -689,6 +734,8 @@ def whole_responder_request(data: bytes | memoryview, limits: Limits) -> Params 
     try:
         ev._latin1 = _walk_pairs(block, block.decode("latin-1"))
     except ProtocolError:
+        if body:
+            body.clear()
         return None  # the connection's parser reports it, as for every other connection
     return ev
 

@@ -1402,23 +1402,27 @@ class Server:
         except OSError:
             return b""
         data = view[:n]
-        whole = whole_responder_request(data, self.limits) if n else None
+        body: list[bytes] = []
+        whole = whole_responder_request(data, self.limits, body) if n else None
         if whole is None:
             return data
-        self._serve_whole(fd, whole, cell)
+        self._serve_whole(fd, whole, cell, body)
         return _WHOLE
 
-    def _serve_whole(self, fd: int, params: Params, cell: list[int] | None) -> None:
+    def _serve_whole(
+        self, fd: int, params: Params, cell: list[int] | None, body: list[bytes]
+    ) -> None:
         """Answer the one request of a connection that carries nothing else, then close it:
         the same environ, app call and bytes as _run + _end, without the connection state.
         ``cell``: the counters of the pool thread that accepted the connection and counted it
-        there (None: it was counted in ``_work``, as a parked one picked up)."""
+        there (None: it was counted in ``_work``, as a parked one picked up). ``body``: the
+        request body's chunks, all of which came with it."""
         out = _Whole(self, fd, params.request_id)
         status = 1
         try:
             environ = build_environ_latin1(
                 params.take_latin1(),
-                input=_NO_BODY,
+                input=InputStream(functools.partial(next, iter(body), b"")) if body else _NO_BODY,
                 errors=ErrorStream(out.send_stderr),
                 multithread=self.multithread,
                 multiprocess=self.multiprocess,

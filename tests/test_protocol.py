@@ -47,6 +47,7 @@ from fcgispawn.protocol import (
     encode_request,
     encode_response,
     encode_stream,
+    whole_responder_request,
 )
 from tests.procs import merge_body_chunks
 
@@ -924,3 +925,67 @@ def test_respond_tail_for_request_id_1_is_the_generic_one() -> None:
         conn.receive(nginx_request())
         got = b"".join(bytes(b) for b in conn.respond(1, body))
         assert got == b"".join(bytes(b) for b in encode_response(1, body)), body
+
+
+# --- whole_responder_request: a request and its body in one read --------------------------------
+
+_POST = {b"REQUEST_METHOD": b"POST", b"CONTENT_LENGTH": b"10", b"SCRIPT_NAME": b"/echo"}
+
+
+@pytest.mark.parametrize("size", [1, 10, 65535, 65536, 70_000])
+def test_whole_request_takes_a_body_that_came_in_the_same_read(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    wire = encode_request(1, _POST, payload)
+    body: list[bytes] = []
+    params = whole_responder_request(wire, Limits(), body)
+    assert params is not None and params.take_latin1()["REQUEST_METHOD"] == "POST"
+    assert b"".join(body) == payload and all(body)
+    # Without a list to fill, only a bodiless request is whole (floor.py, older callers).
+    assert whole_responder_request(wire, Limits()) is None
+    assert whole_responder_request(memoryview(bytearray(wire)), Limits(), []) is not None
+
+
+def _post_wire(body: bytes = b"0123456789", rid: int = 1, flags: int = 0) -> bytes:
+    return encode_begin_request(rid, Role.RESPONDER, bool(flags)) + (
+        encode_stream(RecordType.PARAMS, rid, encode_pairs(_POST))
+        + encode_stream(RecordType.STDIN, rid, body)
+    )
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        pytest.param(_post_wire() + b"\0", id="a_byte_after_the_end"),
+        pytest.param(_post_wire()[:-8], id="no_empty_stdin"),
+        pytest.param(_post_wire()[:-1], id="the_empty_stdin_cut"),
+        pytest.param(
+            _post_wire()[:-8] + encode_record(RecordType.STDIN, 2, b"x") + _post_wire()[-8:],
+            id="stdin_of_another_request",
+        ),
+        pytest.param(
+            _post_wire()[:-8] + encode_record(RecordType.DATA, 1, b"x") + _post_wire()[-8:],
+            id="a_data_record",
+        ),
+        pytest.param(
+            _post_wire()[:-8] + encode_abort_request(1) + _post_wire()[-8:], id="an_abort"
+        ),
+        pytest.param(
+            _post_wire()[:-8] + hdr(5, 1, 0, 3) + b"\0\0\0" + _post_wire()[-8:],
+            id="an_empty_stdin_with_padding_before_the_end",
+        ),
+        pytest.param(
+            _post_wire()[:-8] + hdr(5, 1, 100) + b"x" * 10 + _post_wire()[-8:],
+            id="a_stdin_record_longer_than_what_came",
+        ),
+        pytest.param(_post_wire(flags=FCGI_KEEP_CONN), id="keep_conn"),
+        pytest.param(
+            encode_request(1, _POST, b"0123456789", role=Role.FILTER, data=b"d"), id="filter"
+        ),
+    ],
+)
+def test_whole_request_with_a_body_is_exactly_that_shape(wire: bytes) -> None:
+    """Anything else goes to the connection's parser, which answers or rejects it as always;
+    the body list stays empty."""
+    body: list[bytes] = []
+    assert whole_responder_request(wire, Limits(), body) is None
+    assert body == []
