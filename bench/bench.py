@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,7 @@ class Settings:
     label: str
     results_dir: Path | None
     idle_wait: float = 20.0
+    body: int = 0  # POST a body of this many bytes (0: GET)
     runs: list[Run] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -173,6 +175,14 @@ def run_wrk(port: int, settings: Settings) -> tuple[int, int, float, str]:
         "wrk", "-t1", f"-c{settings.connections}", f"-d{settings.duration:g}s",
         f"http://127.0.0.1:{port}/",
     ]
+    if settings.body:
+        script = Path(tempfile.gettempdir()) / f"fcgispawn-bench-post-{settings.body}.lua"
+        script.write_text(
+            'wrk.method = "POST"\n'
+            'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+            f'wrk.body = string.rep("x", {settings.body})\n'
+        )
+        argv[1:1] = ["-s", str(script)]
     status, out, err = common.run_tool(argv, settings.duration + 60)
     total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b", out)
     if status != 0 or total is None:
@@ -255,7 +265,8 @@ def measure_backend(
                 requests, errors, seconds, note = run_wrk(nginx[1], settings)
             else:
                 requests, errors, seconds, note = run_fcgiload(
-                    tools, sock, settings.duration, settings.connections
+                    tools, sock, settings.duration, settings.connections,
+                    ["-b", str(settings.body)] if settings.body else None,
                 )
             after = common.cpu_ticks(launched.pids() | pids)
             gone = set(before) - set(after)
@@ -445,7 +456,9 @@ def write_results(settings: Settings, info: dict[str, str], summary: str, argv: 
     now = dt.datetime.now(dt.UTC)
     path = directory / f"{now:%Y-%m-%d}-{settings.label}.md"
     body = [
-        f"# Benchmark {settings.label}: hello app, {now:%Y-%m-%d %H:%M} UTC",
+        f"# Benchmark {settings.label}: hello app"
+        + (f", POST of a {settings.body}-byte body" if settings.body else "")
+        + f", {now:%Y-%m-%d %H:%M} UTC",
         "",
         f"Command: `{argv}`",
         "",
@@ -492,6 +505,10 @@ def parse_args(argv: list[str]) -> Settings:
     )
     parser.add_argument("--label", default="hello", help="results file name suffix")
     parser.add_argument(
+        "--body", type=int, default=0, metavar="BYTES",
+        help="POST a body of this many bytes (the app reads it) instead of a GET",
+    )
+    parser.add_argument(
         "--idle-wait", type=float, default=20.0,
         help="seconds to wait for an idle machine before each run (then warn and go on)",
     )
@@ -509,10 +526,12 @@ def parse_args(argv: list[str]) -> Settings:
         parser.error("--modes takes nginx, direct or both")
     if args.repetitions < 1 or args.duration <= 0 or args.connections < 1:
         parser.error("--repetitions, --duration and --connections must be positive")
+    if not 0 <= args.body <= 60000:
+        parser.error("--body takes 0 to 60000 bytes (one nginx request buffer)")
     results_dir = None if str(args.results_dir) == "none" else args.results_dir
     settings = Settings(
         args.duration, args.repetitions, args.connections, args.warmup, peers, modes,
-        args.label, results_dir, args.idle_wait,
+        args.label, results_dir, args.idle_wait, body=args.body,
     )
     if str(args.results_dir) == "none":
         settings.label = ""
