@@ -877,7 +877,10 @@ class ServerConnection(_Reader):
     # -- input ----------------------------------------------------------------------------
 
     def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Feed bytes in any chunking; returns the events of every complete record.
+        """Feed bytes in any chunking; returns the events of every complete record, and a
+        Stdin/Data event for as much of a STDIN/FCGI_DATA record as came (a body is handed on as
+        it arrives, so how it is split into events depends on the reads; an empty one still
+        ends the stream).
 
         ``data`` is not referenced after the call returns (a recv_into buffer may be reused).
         """

@@ -25,10 +25,11 @@ Why it is shaped like this (DESIGN.md, server.py; each point was measured on pro
   fd (EINVAL), so every parked connection would wake every idle thread.
 * **No peer pins a thread.** Every read is non-blocking (``preadv2(RWF_NOWAIT)`` on the bare
   fd: the same single syscall as ``read``, see :func:`_nowait_io`). A connection with nothing
-  to read -- accepted before the web server wrote, kept open between requests (nginx
-  ``fastcgi_keep_conn``), or stalled in the middle of a record before its request starts -- is
-  parked in the epoll and the thread goes back to accepting; when bytes arrive, one sleeping
-  thread picks it up. Parked connections are closed by the coordinating main thread (which
+  to read -- accepted before the web server wrote (after :data:`FIRST_WAIT`, at most 5 ms and
+  only while no silent peer made that wait run out in the last second), kept open between
+  requests (nginx ``fastcgi_keep_conn``), or stalled in the middle of a record before its
+  request starts -- is parked in the epoll and the thread goes back to accepting; when bytes
+  arrive, one sleeping thread picks it up, or a busy one within :data:`FAIR_ACCEPTS` accepts. Parked connections are closed by the coordinating main thread (which
   sleeps until the earliest deadline) after :data:`IDLE_TIMEOUT` seconds between requests, or
   ``io_timeout`` seconds (:data:`IO_TIMEOUT`) for a connection that has not finished sending a
   request; bytes that complete no record do not extend that deadline (no slowloris). So 1,000
@@ -54,7 +55,8 @@ Why it is shaped like this (DESIGN.md, server.py; each point was measured on pro
   the connection's read token and dispatches every record it reads to its request's bounded
   queue. A connection that only ever carries one request at a time takes no lock at all.
 * **Streaming both ways.** The app starts once PARAMS is complete; ``wsgi.input`` pulls the next
-  STDIN chunk by reading the socket (so a 1 GiB upload never sits in memory), and the response
+  STDIN chunk by reading the socket (so a 1 GiB upload never sits in memory; a record cut by the
+  end of a read is handed on as far as it came, never reassembled), and the response
   goes out as it is produced. A response returned as a list (``return [body]``, the hello
   case) or a ``wsgi.file_wrapper`` is coalesced with END_REQUEST into one ``sendmsg``; any other
   iterable is sent chunk by chunk as PEP 3333 requires (never delayed while the app works).
