@@ -29,7 +29,8 @@ Why it is shaped like this (DESIGN.md, server.py; each point was measured on pro
   only while no silent peer made that wait run out in the last second), kept open between
   requests (nginx ``fastcgi_keep_conn``), or stalled in the middle of a record before its
   request starts -- is parked in the epoll and the thread goes back to accepting; when bytes
-  arrive, one sleeping thread picks it up, or a busy one within :data:`FAIR_ACCEPTS` accepts. Parked connections are closed by the coordinating main thread (which
+  arrive, one sleeping thread picks it up, or a busy one within :data:`FAIR_ACCEPTS` accepts.
+  Parked connections are closed by the coordinating main thread (which
   sleeps until the earliest deadline) after :data:`IDLE_TIMEOUT` seconds between requests, or
   ``io_timeout`` seconds (:data:`IO_TIMEOUT`) for a connection that has not finished sending a
   request; bytes that complete no record do not extend that deadline (no slowloris). So 1,000
