@@ -70,7 +70,6 @@ import ctypes
 import errno as errno_mod
 import fcntl
 import os
-import secrets
 import selectors
 import signal
 import socket
@@ -975,7 +974,9 @@ class Supervisor:
         make a reload hand over early -- it cannot start, stop or address a process.
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        name = f"fcgispawn/{os.getpid()}/{secrets.token_hex(8)}"
+        # os.urandom, which is what secrets.token_hex reads: importing secrets loads OpenSSL's
+        # libcrypto (through hashlib), ~4 MiB of the supervisor's memory for nothing.
+        name = f"fcgispawn/{os.getpid()}/{os.urandom(8).hex()}"
         sock.bind("\0" + name)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         sock.setblocking(False)
