@@ -54,9 +54,22 @@ def _argv(
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
     env["PYTHONPATH"] = str(REPO)
+    env["PYTHONFAULTHANDLER"] = "1"  # a worker that hangs dumps its threads on SIGABRT
     env.pop("FCGI_WEB_SERVER_ADDRS", None)
     env.update(extra)
     return env
+
+
+def _exit_status(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """The worker's exit status; if it has not exited within ``timeout``, fail with every
+    thread's stack (faulthandler, on SIGABRT) and what it logged, not just a timeout."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(5)
+        err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+        pytest.fail(f"the worker did not exit within {timeout:g} s; its stderr:\n{err}")
 
 
 def _listener(path: Path) -> socket.socket:
@@ -158,7 +171,7 @@ def test_sigterm_drains_a_slow_request_then_exits_0(procs: ProcessGroup, sockdir
     t.start()
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(20)
+    _exit_status(proc, 20)
     t.join(10)
     assert out == [b"slept"]
     assert proc.returncode == 0
@@ -170,7 +183,7 @@ def test_sigterm_when_idle_exits_at_once(procs: ProcessGroup, sockdir: Path) -> 
     FastCGIClient(path, timeout=20).request(_get("/hello"))
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(10) == 0
+    assert _exit_status(proc, 10) == 0
     assert time.monotonic() - t0 < 2
 
 
@@ -191,7 +204,7 @@ def test_sigquit_stops_without_waiting(procs: ProcessGroup, sockdir: Path) -> No
     time.sleep(0.5)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGQUIT)
-    proc.wait(10)
+    _exit_status(proc, 10)
     assert time.monotonic() - t0 < 5
     t.join(10)
     assert len(errors) == 1
@@ -214,7 +227,7 @@ def test_max_requests_recycles_with_exit_0(procs: ProcessGroup, sockdir: Path) -
     client = FastCGIClient(path, timeout=20)
     pids = {json.loads(client.request(_get("/environ")).body)["pid"] for _ in range(3)}
     assert pids == {proc.pid}
-    assert proc.wait(10) == 0
+    assert _exit_status(proc, 10) == 0
 
 
 def test_multiprocess_flag_comes_from_the_environment(procs: ProcessGroup, sockdir: Path) -> None:
