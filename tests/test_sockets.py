@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -585,6 +586,50 @@ def test_tcp_ipv4_bind_with_backlog_and_reuseaddr(listeners: list[Listener]) -> 
     assert ss_send_q(["-t", "sport", f"= :{port}"]) == 5
     with socket.create_connection((host, port), timeout=2):
         pass
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "[::1]:0"])
+def test_tcp_listener_hands_over_connections_only_once_their_request_came(
+    listeners: list[Listener], address: str
+) -> None:
+    """TCP_DEFER_ACCEPT: a connection whose first bytes have not come is not accepted yet (a
+    web server that writes its request a moment after connecting is then accepted with it),
+    while one that sent its request is accepted with the bytes already there."""
+    listener = bind(parse_address(address))
+    listeners.append(listener)
+    sock = listener.sock
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+    sock.setblocking(False)
+    host, port = sock.getsockname()[:2]
+    with socket.create_connection((host, port), timeout=2) as silent:
+        time.sleep(0.1)
+        with pytest.raises(BlockingIOError):
+            sock.accept()  # connected, nothing sent: not handed over yet
+        with socket.create_connection((host, port), timeout=2) as talker:
+            talker.sendall(b"\x01\x01")
+            deadline = time.monotonic() + 2
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+            with conn:
+                conn.settimeout(2)
+                assert conn.recv(2, socket.MSG_DONTWAIT) == b"\x01\x01"  # already there
+        silent.sendall(b"\x01")
+
+
+def test_adopted_tcp_socket_keeps_its_owners_defer_accept() -> None:
+    """An inherited socket is its owner's (spawn-fcgi, systemd: DeferAcceptSec=)."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.bind(("127.0.0.1", 0))
+    raw.listen(8)
+    fd = os.dup(raw.fileno())
+    raw.close()
+    with adopt_fd(fd) as sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == 0
 
 
 def test_tcp_ipv6_loopback_is_v6only(listeners: list[Listener]) -> None:
