@@ -30,10 +30,10 @@ PassMode = Literal["fd0", "systemd"]
 #: one costs ~2.5 us/req (10 %) straight at the socket -- the two threads run at once on the two
 #: cores and hand the interpreter lock (and its cache lines) back and forth at every system
 #: call (bench/results/2026-11-29-first-wait.md). Concurrency comes from -F; --threads N is
-#: there for apps that wait on I/O. Session 2 kept two because a connection parked before its
-#: request arrived (17 % straight at the socket) waited behind whatever the only thread ran
-#: next; since server.FIRST_WAIT a new connection gets 5 ms to send before it is parked, so
-#: that is left to peers that connect and stay silent.
+#: there for apps that wait on I/O. With one thread, a connection parked before its request
+#: arrived waits behind whatever that thread runs next; server.FIRST_WAIT gives a new
+#: connection 5 ms to send before it is parked, so only peers that connect and stay silent
+#: meet that (parked: 29 % of connections straight at the socket without the wait, 2 % with).
 DEFAULT_THREADS = 1
 #: Set by the spawner for --wsgi workers: JSON of ``RuntimeOptions.run_kwargs()``. ``python -m
 #: fcgispawn`` then serves from it without parsing its command line (which stays, for ps): a

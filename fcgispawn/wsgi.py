@@ -29,6 +29,7 @@ from urllib.parse import unquote_to_bytes
 from wsgiref import types as wsgi_types
 
 __all__ = [
+    "Batching",
     "ClientDisconnected",
     "ErrorStream",
     "FileWrapper",
