@@ -625,17 +625,11 @@ _BEGIN_EVENTS: Final = {
 _WHOLE_HEAD: Final = struct.Struct("!BBHHBxHB5xBBHHBx")
 _NOT_WHOLE: Final = (0,) * 12
 _new_params: Final = object.__new__  # Params without __init__'s keyword call, for the fast path
-_WHOLE_TAIL: Final = {
-    rid: _HEADER.pack(FCGI_VERSION_1, _PARAMS, rid, 0, 0)
-    + _HEADER.pack(FCGI_VERSION_1, _STDIN, rid, 0, 0)
-    for rid in range(1, 9)
-}
-
-
 _EMPTY_PARAMS: Final = {
     rid: _HEADER.pack(FCGI_VERSION_1, _PARAMS, rid, 0, 0) for rid in range(1, 9)
 }
 _EMPTY_STDIN: Final = {rid: _HEADER.pack(FCGI_VERSION_1, _STDIN, rid, 0, 0) for rid in range(1, 9)}
+_WHOLE_TAIL: Final = {rid: _EMPTY_PARAMS[rid] + _EMPTY_STDIN[rid] for rid in range(1, 9)}
 
 
 def _whole_shape(

@@ -265,26 +265,29 @@ def _nowait_io() -> bool:
     return _nowait
 
 
-def _read_buffer() -> tuple[list[mmap.mmap], memoryview]:
-    """This thread's receive buffer, as the iovec list ``preadv`` takes and a view of it:
-    ``preadv`` needs a writable buffer, and allocating one per read would cost more than the
-    read; the list and the view are made once, so a read makes one slice and no other object.
-    An anonymous mmap, not a bytearray (which zero-fills, so touches, all of its RECV_SIZE):
-    only the pages reads reach are ever touched, so small requests keep a worker's memory
-    small."""
+def _read_buffer() -> tuple[list[mmap.mmap], memoryview, list[bytes]]:
+    """This thread's receive buffer, as the iovec list ``preadv`` takes and a view of it, and
+    its list for the body of a whole request (see _body_input): ``preadv`` needs a writable
+    buffer, and allocating one per read would cost more than the read; all three are made
+    once, so a read makes one slice and no other object. An anonymous mmap, not a bytearray
+    (which zero-fills, so touches, all of its RECV_SIZE): only the pages reads reach are ever
+    touched, so small requests keep a worker's memory small."""
     try:
-        read: tuple[list[mmap.mmap], memoryview] = _tls.read
+        read: tuple[list[mmap.mmap], memoryview, list[bytes]] = _tls.read
     except AttributeError:
         buf = mmap.mmap(-1, RECV_SIZE)
-        read = _tls.read = ([buf], memoryview(buf))
+        read = _tls.read = ([buf], memoryview(buf), [])
     return read
 
 
 def _body_input(body: list[bytes]) -> io.BytesIO:
     """wsgi.input of a whole request with a body: all of it is here, so a BytesIO (read,
     readline, readlines and iteration in C, and read() of it all returns the bytes without a
-    copy) instead of an InputStream pulling chunks through Python calls."""
-    return io.BytesIO(body[0] if len(body) == 1 else b"".join(body))
+    copy) instead of an InputStream pulling chunks through Python calls. Takes the chunks out
+    of ``body`` (the thread's list, reused by its next request)."""
+    data = body[0] if len(body) == 1 else b"".join(body)
+    body.clear()
+    return io.BytesIO(data)
 
 
 def _wait_fd(fd: int, events: int, timeout: float) -> bool:
@@ -600,7 +603,7 @@ class _Conn:
         """One non-blocking read: the bytes (a view of this thread's buffer, valid until its
         next read), ``b""`` at EOF; BlockingIOError when nothing is there yet."""
         if _nowait:
-            bufs, view = _read_buffer()
+            bufs, view, _ = _read_buffer()
             return view[: os.preadv(self.fd, bufs, -1, _RWF_NOWAIT)]
         return self.sock.recv(_RECV_ALLOC, _DONTWAIT)
 
@@ -1405,7 +1408,7 @@ class Server:
         """The first read of a connection (RWF_NOWAIT): None if nothing is there yet, _WHOLE if
         it was one whole request, answered and closed (_serve_whole; ``cell`` as there), else
         the bytes (``b""`` at EOF), a view of this thread's buffer for the caller to feed."""
-        bufs, view = _read_buffer()
+        bufs, view, body = _read_buffer()
         try:
             n = os.preadv(fd, bufs, -1, _RWF_NOWAIT)
         except BlockingIOError:
@@ -1413,7 +1416,6 @@ class Server:
         except OSError:
             return b""
         data = view[:n]
-        body: list[bytes] = []
         whole = whole_responder_request(data, self.limits, body) if n else None
         if whole is None:
             return data
@@ -1427,7 +1429,7 @@ class Server:
         the same environ, app call and bytes as _run + _end, without the connection state.
         ``cell``: the counters of the pool thread that accepted the connection and counted it
         there (None: it was counted in ``_work``, as a parked one picked up). ``body``: the
-        request body's chunks, all of which came with it."""
+        request body's chunks, all of which came with it (taken out of the list)."""
         out = _Whole(self, fd, params.request_id)
         status = 1
         try:
