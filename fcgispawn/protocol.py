@@ -692,7 +692,11 @@ def _whole_body(data: bytes | memoryview, rid: int, pos: int, end: int, body: li
 
 
 def whole_responder_request(
-    data: bytes | memoryview, limits: Limits, body: list[bytes] | None = None
+    data: bytes | memoryview,
+    limits: Limits,
+    body: list[bytes] | None = None,
+    *,
+    keep_conn: bool = False,
 ) -> Params | None:
     """The one request of a connection that carries nothing else, when it came whole in one read.
 
@@ -706,6 +710,10 @@ def whole_responder_request(
     With ``body`` (an empty list), a request whose whole body came in the same read -- STDIN
     records with content before the empty STDIN, what nginx sends for a small POST -- is one
     too: the contents are appended to ``body`` (left empty when None is returned).
+
+    ``keep_conn``: the FCGI_KEEP_CONN flag the request must carry -- False for a new
+    connection's request (nginx's default: the server closes after it), True for the next
+    request on a connection kept open (the server keeps it open again).
     """
     shape = _whole_shape(data, body)
     if shape is None:
@@ -713,7 +721,7 @@ def whole_responder_request(
     rid, role_value, flags, stop = shape
     if (
         role_value != _RESPONDER
-        or flags & FCGI_KEEP_CONN
+        or (flags & FCGI_KEEP_CONN == FCGI_KEEP_CONN) != keep_conn
         or limits.max_requests_per_conn < 1
         or stop - 24 > limits.max_params_bytes
     ):

@@ -467,11 +467,12 @@ class _Whole(_Output):
     ``protocol.whole_responder_request``): it needs no protocol state and no _Conn, only its
     socket, so the server answers it with the fewest steps a correct response allows."""
 
-    __slots__ = ("fd", "stderr_used")
+    __slots__ = ("close", "fd", "stderr_used")
 
-    def __init__(self, server: Server, fd: int, rid: int) -> None:
+    def __init__(self, server: Server, fd: int, rid: int, *, close: bool = True) -> None:
         self.server = server
         self.fd = fd
+        self.close = close  # False: a kept connection, its owner parks it again
         self.rid = rid
         self.defer = False
         self.pending = []
@@ -499,7 +500,7 @@ class _Whole(_Output):
             self._write(records)
 
     def finish(self, app_status: int) -> None:
-        """What is pending + the end of the streams + END_REQUEST, then close."""
+        """What is pending + the end of the streams + END_REQUEST, then close (unless kept)."""
         # (try/except, not contextlib.suppress: that costs ~0.5 us, on every request)
         if not self.aborted:
             tail = encode_response(self.rid, self.pending, app_status, stderr_used=self.stderr_used)
@@ -507,6 +508,8 @@ class _Whole(_Output):
                 _write_all(self.fd, tail, self.server.io_timeout, None)
             except OSError:
                 pass
+        if not self.close:
+            return
         try:  # noqa: SIM105
             os.close(self.fd)
         except OSError:
@@ -1404,10 +1407,13 @@ class Server:
         self._first_wait_off_until = now + FIRST_WAIT_BACKOFF
         return None
 
-    def _first_read(self, fd: int, cell: list[int] | None) -> Buffer | None:
+    def _first_read(
+        self, fd: int, cell: list[int] | None, kept: _Conn | None = None
+    ) -> Buffer | None:
         """The first read of a connection (RWF_NOWAIT): None if nothing is there yet, _WHOLE if
-        it was one whole request, answered and closed (_serve_whole; ``cell`` as there), else
-        the bytes (``b""`` at EOF), a view of this thread's buffer for the caller to feed."""
+        it was one whole request, answered and closed (_serve_whole; ``cell`` and ``kept`` as
+        there), else the bytes (``b""`` at EOF), a view of this thread's buffer for the caller
+        to feed. ``kept``: the first read of a kept connection's next request instead."""
         bufs, view, body = _read_buffer()
         try:
             n = os.preadv(fd, bufs, -1, _RWF_NOWAIT)
@@ -1416,21 +1422,32 @@ class Server:
         except OSError:
             return b""
         data = view[:n]
-        whole = whole_responder_request(data, self.limits, body) if n else None
+        whole = (
+            whole_responder_request(data, self.limits, body, keep_conn=kept is not None)
+            if n
+            else None
+        )
         if whole is None:
             return data
-        self._serve_whole(fd, whole, cell, body)
+        self._serve_whole(fd, whole, cell, body, kept)
         return _WHOLE
 
     def _serve_whole(
-        self, fd: int, params: Params, cell: list[int] | None, body: list[bytes]
+        self,
+        fd: int,
+        params: Params,
+        cell: list[int] | None,
+        body: list[bytes],
+        kept: _Conn | None = None,
     ) -> None:
         """Answer the one request of a connection that carries nothing else, then close it:
         the same environ, app call and bytes as _run + _end, without the connection state.
         ``cell``: the counters of the pool thread that accepted the connection and counted it
         there (None: it was counted in ``_work``, as a parked one picked up). ``body``: the
-        request body's chunks, all of which came with it (taken out of the list)."""
-        out = _Whole(self, fd, params.request_id)
+        request body's chunks, all of which came with it (taken out of the list). ``kept``: the
+        connection was kept open by the web server and stays so (FCGI_KEEP_CONN again): the
+        response goes out the same way, and the caller counts it and parks the connection."""
+        out = _Whole(self, fd, params.request_id, close=kept is None)
         status = 1
         try:
             environ = build_environ_latin1(
@@ -1445,6 +1462,12 @@ class Server:
             self._app_escaped(exc)
             out.aborted = True
         out.finish(status)
+        if kept is not None:
+            kept.served += 1
+            kept.progress = True  # a request completed: a new idle deadline when parked
+            if out.aborted:
+                self._kill(kept)
+            return
         if cell is None:
             self._done(1)
             return
@@ -1462,15 +1485,22 @@ class Server:
         """
         conn.users = 1
         conn.shared = False
-        if conn.fresh and _nowait and conn._sock is None and not conn.proto.mid_record:
-            # A web server that connected before writing (nginx does, often): its request may
-            # still be a whole one. Not after part of a record (those bytes belong to what
-            # comes now), and no socket object may hold the fd that _serve_whole closes.
-            data = self._first_read(conn.fd, None)
-            if data is _WHOLE:
-                return
+        if (
+            _nowait
+            and conn._sock is None
+            and not conn.proto.mid_record
+            and (conn.fresh or not conn.reqs)
+        ):
+            # A web server that connected before writing (nginx does, often), or the next
+            # request on a connection it keeps open (fastcgi_keep_conn): either may be a whole
+            # one. Not after part of a record (those bytes belong to what comes now), and no
+            # socket object may hold the fd that _serve_whole closes.
+            kept = None if conn.fresh else conn
+            data = self._first_read(conn.fd, None, kept)
+            if data is _WHOLE and kept is None:
+                return  # answered, closed and counted
             try:
-                if data is not None:
+                if data is not None and data is not _WHOLE:
                     self._feed(conn, data)
                     self._drive(conn)
             finally:

@@ -760,8 +760,8 @@ def whole_taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     taken: list[bool] = []
     real = whole_responder_request
 
-    def spy(data: Any, limits: Any, body: Any = None) -> Any:
-        result = real(data, limits, body)
+    def spy(data: Any, limits: Any, body: Any = None, **kw: Any) -> Any:
+        result = real(data, limits, body, **kw)
         taken.append(result is not None)
         return result
 
@@ -894,3 +894,75 @@ def test_new_connection_gets_first_wait_and_a_silent_one_turns_waiting_off(
         t0 = time.monotonic()
         assert srv._wait_first(other.fileno(), None) is None  # within FIRST_WAIT_BACKOFF: no wait
         assert time.monotonic() - t0 < server_mod.FIRST_WAIT / 2
+
+
+def _one_response(sock: socket.socket, conn: ClientConnection) -> list[Any]:
+    """The events of one response on a kept connection, up to its END_REQUEST."""
+    events: list[Any] = []
+    while not any(isinstance(e, EndRequest) for e in events):
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the kept connection"
+        events += conn.receive(chunk)
+    return events
+
+
+@pytest.mark.parametrize("path", ["/hello", "/stderr", "/raises", "/stream", "/big_list"])
+def test_requests_on_a_kept_connection_take_the_whole_path_and_answer_alike(
+    start: Start, whole_taken: list[bool], path: str
+) -> None:
+    """nginx with fastcgi_keep_conn: the next request on a kept connection, whole in one read,
+    is answered without the connection machinery; the bytes are those of the same request in
+    pieces (which takes the machinery), and the connection stays open for the next one."""
+    run = start(threads=1)
+    assert isinstance(run.address, str)
+    pairs = {k.encode(): v.encode() for k, v in _get(path, "mib=1").items()}
+    whole = encode_request(1, pairs, keep_conn=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(run.address)
+        conn = ClientConnection()
+        answers = []
+        for _ in range(3):
+            sock.sendall(whole)
+            answers.append(_streams(_one_response(sock, conn)))
+        assert whole_taken == [False, True, True]  # the first came on a new connection
+        sock.sendall(whole[:10])  # the same request in two reads: the connection machinery
+        time.sleep(0.05)
+        sock.sendall(whole[10:])
+        answers.append(_streams(_one_response(sock, conn)))
+    assert answers[0] == answers[1] == answers[2] == answers[3]
+
+
+def test_a_kept_connections_request_without_keep_conn_is_answered_then_closed(
+    start: Start,
+) -> None:
+    run = start(threads=1)
+    assert isinstance(run.address, str)
+    pairs = {k.encode(): v.encode() for k, v in _get("/query", "x").items()}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(run.address)
+        conn = ClientConnection()
+        for _ in range(2):
+            sock.sendall(encode_request(1, pairs, keep_conn=True))
+            assert _streams(_one_response(sock, conn))[0].endswith(b"x")
+        sock.sendall(encode_request(1, pairs))  # the web server lets us close after this one
+        events = _one_response(sock, conn)
+        assert _streams(events)[0].endswith(b"x")
+        assert sock.recv(65536) == b""
+
+
+def test_whole_requests_on_a_kept_connection_count_for_max_requests(start: Start) -> None:
+    run = start(threads=1, max_requests=3)
+    assert isinstance(run.address, str)
+    pairs = {k.encode(): v.encode() for k, v in _get("/hello").items()}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(run.address)
+        conn = ClientConnection()
+        for _ in range(3):
+            sock.sendall(encode_request(1, pairs, keep_conn=True))
+            assert _streams(_one_response(sock, conn))[0].endswith(b"Hello, World!")
+    run.thread.join(10)
+    assert run.result == [0]
+    assert run.server.served == 3
