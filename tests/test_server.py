@@ -896,6 +896,24 @@ def test_new_connection_gets_first_wait_and_a_silent_one_turns_waiting_off(
         assert time.monotonic() - t0 < server_mod.FIRST_WAIT / 2
 
 
+def _kept_exchange(run: Running, path: str, query: str, flags: list[bool]) -> list[bytes]:
+    """One connection, one request per entry of ``flags`` (KEEP_CONN or not); the STDOUT of
+    each, and b"" appended if the server closed the connection after the last one."""
+    assert isinstance(run.address, str)
+    pairs = {k.encode(): v.encode() for k, v in _get(path, query).items()}
+    out: list[bytes] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(run.address)
+        conn = ClientConnection()
+        for keep in flags:
+            sock.sendall(encode_request(1, pairs, keep_conn=keep))
+            out.append(_streams(_one_response(sock, conn))[0])
+        if not flags[-1]:
+            out.append(sock.recv(65536))
+    return out
+
+
 def _one_response(sock: socket.socket, conn: ClientConnection) -> list[Any]:
     """The events of one response on a kept connection, up to its END_REQUEST."""
     events: list[Any] = []
@@ -936,33 +954,14 @@ def test_requests_on_a_kept_connection_take_the_whole_path_and_answer_alike(
 def test_a_kept_connections_request_without_keep_conn_is_answered_then_closed(
     start: Start,
 ) -> None:
-    run = start(threads=1)
-    assert isinstance(run.address, str)
-    pairs = {k.encode(): v.encode() for k, v in _get("/query", "x").items()}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(run.address)
-        conn = ClientConnection()
-        for _ in range(2):
-            sock.sendall(encode_request(1, pairs, keep_conn=True))
-            assert _streams(_one_response(sock, conn))[0].endswith(b"x")
-        sock.sendall(encode_request(1, pairs))  # the web server lets us close after this one
-        events = _one_response(sock, conn)
-        assert _streams(events)[0].endswith(b"x")
-        assert sock.recv(65536) == b""
+    answers = _kept_exchange(start(threads=1), "/query", "x", [True, True, False])
+    assert [a[-1:] for a in answers] == [b"x", b"x", b"x", b""]  # then EOF: closed
 
 
 def test_whole_requests_on_a_kept_connection_count_for_max_requests(start: Start) -> None:
     run = start(threads=1, max_requests=3)
-    assert isinstance(run.address, str)
-    pairs = {k.encode(): v.encode() for k, v in _get("/hello").items()}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(run.address)
-        conn = ClientConnection()
-        for _ in range(3):
-            sock.sendall(encode_request(1, pairs, keep_conn=True))
-            assert _streams(_one_response(sock, conn))[0].endswith(b"Hello, World!")
+    answers = _kept_exchange(run, "/hello", "", [True, True, True])
+    assert all(a.endswith(b"Hello, World!") for a in answers)
     run.thread.join(10)
     assert run.result == [0]
     assert run.server.served == 3
