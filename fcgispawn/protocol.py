@@ -695,7 +695,6 @@ def whole_responder_request(
     data: bytes | memoryview,
     limits: Limits,
     body: list[bytes] | None = None,
-    *,
     keep_conn: bool = False,
 ) -> Params | None:
     """The one request of a connection that carries nothing else, when it came whole in one read.
@@ -721,7 +720,7 @@ def whole_responder_request(
     rid, role_value, flags, stop = shape
     if (
         role_value != _RESPONDER
-        or (flags & FCGI_KEEP_CONN == FCGI_KEEP_CONN) != keep_conn
+        or flags & FCGI_KEEP_CONN != keep_conn  # (the flag is bit 0: 1 == True, 0 == False)
         or limits.max_requests_per_conn < 1
         or stop - 24 > limits.max_params_bytes
     ):

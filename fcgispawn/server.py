@@ -469,7 +469,7 @@ class _Whole(_Output):
 
     __slots__ = ("close", "fd", "stderr_used")
 
-    def __init__(self, server: Server, fd: int, rid: int, *, close: bool = True) -> None:
+    def __init__(self, server: Server, fd: int, rid: int, close: bool) -> None:
         self.server = server
         self.fd = fd
         self.close = close  # False: a kept connection, its owner parks it again
@@ -1423,7 +1423,7 @@ class Server:
             return b""
         data = view[:n]
         whole = (
-            whole_responder_request(data, self.limits, body, keep_conn=kept is not None)
+            whole_responder_request(data, self.limits, body, kept is not None)
             if n
             else None
         )
@@ -1447,7 +1447,7 @@ class Server:
         request body's chunks, all of which came with it (taken out of the list). ``kept``: the
         connection was kept open by the web server and stays so (FCGI_KEEP_CONN again): the
         response goes out the same way, and the caller counts it and parks the connection."""
-        out = _Whole(self, fd, params.request_id, close=kept is None)
+        out = _Whole(self, fd, params.request_id, kept is None)
         status = 1
         try:
             environ = build_environ_latin1(
