@@ -11,7 +11,7 @@ Public API (the server builds on it):
 - ``InputStream(source)`` — ``wsgi.input`` streaming from ``source()`` chunks, ``b""`` at EOF
 - ``ErrorStream(sink)`` — ``wsgi.errors``: text in, UTF-8 bytes out through ``sink``
 - ``FileWrapper(filelike, blksize=65536)`` — ``wsgi.file_wrapper``
-- ``run_app(app, environ, send, *, log, batching=None) -> int`` — call the app, send the
+- ``run_app(app, environ, send, log, batching=None) -> int`` — call the app, send the
   response, app status
 - ``parse_app_spec(spec)`` / ``load_app(spec)`` / ``WSGIAppLoadError`` — ``--wsgi MODULE:CALLABLE``
 """
@@ -460,7 +460,6 @@ _WSGI_CONSTANTS: Final = {
 
 def build_environ_latin1(
     environ: dict[str, str],
-    *,
     input: wsgi_types.InputStream,
     errors: wsgi_types.ErrorStream,
     multithread: bool,
@@ -471,7 +470,8 @@ def build_environ_latin1(
 
     The dict is turned into the environ IN PLACE and returned: the caller hands it over. This
     is the server's fast path: the PARAMS block was decoded once, straight to ``str``, and no
-    second dict is built.
+    second dict is built. (Positional arguments are accepted, unlike build_environ's keyword-only
+    ones: a keyword call costs the server ~0.1 us a request on 3.11.)
     """
     env: dict[str, Any] = environ
     get = env.get
@@ -789,7 +789,6 @@ def run_app(
     app: WSGIApplication,
     environ: dict[str, Any],
     send: Callable[[list[bytes]], None],
-    *,
     log: Callable[[str], None],
     batching: Batching | None = None,
 ) -> int:
@@ -851,9 +850,10 @@ def run_app(
 def _send_result(resp: _Response, result: Iterable[bytes]) -> None:
     """Send the app's iterable: one send per non-empty chunk, the head with the first."""
     rtype = type(result)
-    if (rtype is list or rtype is tuple) and len(single := cast("list[bytes]", result)) == 1:
-        # The common "return [body]": head and body in one send, no iterator.
-        chunk = single[0]
+    if (rtype is list or rtype is tuple) and len(result) == 1:  # type: ignore[arg-type]
+        # The common "return [body]": head and body in one send, no iterator. (No typing.cast
+        # for the checker here: it is a real function call, on every request.)
+        chunk = result[0]  # type: ignore[index]
         if type(chunk) is not bytes:
             raise TypeError(f"the application's iterable yielded {type(chunk).__name__}, not bytes")
         if chunk:
