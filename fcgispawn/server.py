@@ -36,8 +36,9 @@ Why it is shaped like this (DESIGN.md, server.py; each point was measured on pro
   request; bytes that complete no record do not extend that deadline (no slowloris). So 1,000
   silent connections cost 1,000 fds and no thread. A thread blocks on a peer only while it runs
   that peer's request: waiting for more STDIN, or for the web server to take response bytes
-  (``poll`` with ``io_timeout``; writes are non-blocking too, so a full socket buffer never
-  hangs a ``writev``). On that timeout the connection is closed, logged in one line.
+  (a write first tries without blocking; once the socket buffer was full, the connection's
+  writes block with SO_SNDTIMEO = ``io_timeout``, so a stuck web server never hangs one for
+  longer). On that timeout the connection is closed, logged in one line.
 * **Hung applications.** ``request_timeout`` bounds one app call (from the call to the end of
   its response). A thread cannot be interrupted, so when a call overruns, the coordinator logs
   one line naming the request and its run time and the server stops with
@@ -84,6 +85,7 @@ import random
 import select
 import signal
 import socket
+import struct
 import threading
 import time
 import traceback
@@ -226,6 +228,7 @@ _WHOLE: Final = memoryview(b"")
 #: for the next one (and __slots__ keeps apps from adding any).
 _NO_BODY: Final = InputStream(bytes)
 _RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)
+_TIMEVAL: Final = struct.Struct("@ll")  # struct timeval (SO_SNDTIMEO), as Linux defines it
 _POLLIN: Final = select.POLLIN
 _POLLOUT: Final = select.POLLOUT
 
@@ -467,7 +470,7 @@ class _Whole(_Output):
     ``protocol.whole_responder_request``): it needs no protocol state and no _Conn, only its
     socket, so the server answers it with the fewest steps a correct response allows."""
 
-    __slots__ = ("close", "fd", "stderr_used")
+    __slots__ = ("blocking", "close", "fd", "stderr_used")
 
     def __init__(self, server: Server, fd: int, rid: int, close: bool) -> None:
         self.server = server
@@ -479,10 +482,13 @@ class _Whole(_Output):
         self.pending_bytes = 0
         self.aborted = False  # the connection failed: nothing more is written
         self.stderr_used = False
+        self.blocking = False  # the fd takes blocking writes (see _send_rest)
 
     def _write(self, records: list[Buffer]) -> None:
         try:
-            _write_all(self.fd, records, self.server.io_timeout, None)
+            self.blocking = _write_all(
+                self.fd, records, self.server.io_timeout, None, self.blocking
+            )
         except OSError:
             self.aborted = True
             raise
@@ -507,7 +513,7 @@ class _Whole(_Output):
             # _write_all's common case inlined (one pwritev that takes it all): two Python
             # calls less on every request.
             sent = 0
-            if len(tail) <= _IOV_MAX:
+            if len(tail) <= _IOV_MAX and not self.blocking:
                 try:
                     sent = os.pwritev(self.fd, tail, -1, _RWF_NOWAIT)
                 except BlockingIOError:
@@ -540,6 +546,7 @@ class _Conn:
 
     __slots__ = (
         "_sock",
+        "blocking",
         "cond",
         "dead",
         "deadline",
@@ -583,6 +590,7 @@ class _Conn:
         self.pending = False  # parked owing a request (io_timeout), not idle between requests
         self.served = 0
         self.stdin_incomplete = False
+        self.blocking = False  # the fd takes blocking writes (see _send_rest)
         # Created by share() when the connection first becomes shared: a Condition costs
         # 1.5 us, as much as a twentieth of a whole request, and only multiplexed connections
         # need these.
@@ -637,9 +645,9 @@ class _Conn:
     def write(self, bufs: list[Buffer], timeout: float) -> None:
         """Send every buffer (whole records) or raise OSError; one writev in the common case.
 
-        Never blocks in the kernel: a full socket buffer (a web server that stopped reading)
-        makes the thread wait in poll() for at most ``timeout`` seconds of no progress, then
-        TimeoutError; other threads keep serving meanwhile.
+        A full socket buffer (a web server that stopped reading) makes the thread wait for at
+        most ``timeout`` seconds of no progress (see _send_rest), then TimeoutError; other
+        threads keep serving meanwhile.
         """
         if self.dead:
             raise BrokenPipeError(errno.EPIPE, "the connection is gone")
@@ -651,7 +659,9 @@ class _Conn:
 
     def _write(self, bufs: list[Buffer], timeout: float) -> None:
         try:
-            _write_all(self.fd, bufs, timeout, None if _nowait else self.sock)
+            self.blocking = _write_all(
+                self.fd, bufs, timeout, None if _nowait else self.sock, self.blocking
+            )
         except OSError:
             self.dead = True
             raise
@@ -1440,11 +1450,7 @@ class Server:
         except OSError:
             return b""
         data = view[:n]
-        whole = (
-            whole_responder_request(data, self.limits, body, kept is not None)
-            if n
-            else None
-        )
+        whole = whole_responder_request(data, self.limits, body, kept is not None) if n else None
         if whole is None:
             return data
         self._serve_whole(fd, whole, cell, body, kept)
@@ -1913,31 +1919,52 @@ def _writev(fd: int, sock: socket.socket | None, bufs: Sequence[Buffer]) -> int:
     return sock.sendmsg(bufs, (), _DONTWAIT)
 
 
-def _write_all(fd: int, bufs: list[Buffer], timeout: float, sock: socket.socket | None) -> None:
+def _write_all(
+    fd: int,
+    bufs: list[Buffer],
+    timeout: float,
+    sock: socket.socket | None,
+    blocking: bool = False,
+) -> bool:
     """Send every buffer (whole records) or raise OSError; one writev in the common case.
 
-    Never blocks in the kernel: pwritev2(RWF_NOWAIT) on the bare fd (``sock`` None, where the
-    kernel supports it) or sendmsg(MSG_DONTWAIT) on ``sock``. A full socket buffer (a web
-    server that stopped reading) makes the thread wait in poll() for at most ``timeout``
-    seconds of no progress, then TimeoutError.
+    The first try never blocks in the kernel: pwritev2(RWF_NOWAIT) on the bare fd (``sock``
+    None, where the kernel supports it) or sendmsg(MSG_DONTWAIT) on ``sock``; a full socket
+    buffer is _send_rest's. Returns whether the fd now takes blocking writes (see _send_rest):
+    the caller passes that back as ``blocking`` for its next write on the same fd.
     """
     if len(bufs) <= _IOV_MAX:
         try:
-            sent = _writev(fd, sock, bufs)
+            sent = os.writev(fd, bufs) if blocking else _writev(fd, sock, bufs)
         except BlockingIOError:
+            if blocking:  # SO_SNDTIMEO ran out with nothing sent
+                raise _send_timeout(timeout) from None
             sent = 0
         if sent == sum(map(len, bufs)):
-            return
+            return blocking
     else:
         sent = 0
-    _send_rest(fd, sock, bufs, sent, timeout)
+    return _send_rest(fd, sock, bufs, sent, timeout, blocking)
 
 
 def _send_rest(
-    fd: int, sock: socket.socket | None, bufs: list[Buffer], skip: int, timeout: float
-) -> None:
-    """Finish a partial (or oversized) write: skip ``skip`` bytes, send the rest in batches,
-    waiting for room (bounded by ``timeout`` per wait) when the socket buffer is full."""
+    fd: int,
+    sock: socket.socket | None,
+    bufs: list[Buffer],
+    skip: int,
+    timeout: float,
+    blocking: bool = False,
+) -> bool:
+    """Finish a partial (or oversized) write: skip ``skip`` bytes, send the rest in batches.
+
+    On a bare fd the rest goes out in blocking writes that SO_SNDTIMEO bounds (``timeout`` of
+    no progress, see _blocking_sends): the kernel puts the thread to sleep until there is room,
+    as a blocking server's write does. Waiting in poll() and retrying instead cost a 100 MB
+    download 10-15 ms of worker CPU against 8-11 (a failed write and a poll wake-up at every
+    full socket buffer). With a socket object, or an fd that is not in blocking mode, the
+    thread waits for room in poll(), ``timeout`` per wait. Either way a web server that takes
+    no bytes for ``timeout`` seconds gets TimeoutError. Returns whether the fd now takes
+    blocking writes."""
     views: list[memoryview] = []
     for b in bufs:
         mv = memoryview(b).cast("B") if not isinstance(b, memoryview) else b.cast("B")
@@ -1947,17 +1974,17 @@ def _send_rest(
             continue
         views.append(mv[skip:] if skip else mv)
         skip = 0
+    if views and not blocking and sock is None:
+        blocking = _blocking_sends(fd, timeout)
     while views:
+        batch = views[:_IOV_MAX]
         try:
-            sent = _writev(fd, sock, views[:_IOV_MAX])
+            sent = os.writev(fd, batch) if blocking else _writev(fd, sock, batch)
         except BlockingIOError:
             sent = 0
         if not sent:
-            if not _wait_fd(fd, _POLLOUT, timeout):
-                raise TimeoutError(
-                    errno.ETIMEDOUT,
-                    f"the web server took no response bytes for {timeout:g} s",
-                )
+            if blocking or not _wait_fd(fd, _POLLOUT, timeout):
+                raise _send_timeout(timeout)
             continue
         while sent:
             n = len(views[0])
@@ -1967,6 +1994,38 @@ def _send_rest(
             else:
                 views[0] = views[0][sent:]
                 sent = 0
+    return blocking
+
+
+def _blocking_sends(fd: int, timeout: float) -> bool:
+    """Let ``fd`` take blocking writes that give up after ``timeout`` seconds without progress
+    (SO_SNDTIMEO, set once per connection: it outlives the response, and the next one's writes
+    are bounded the same way). False where the fd is not in blocking mode (a socket object with
+    a timeout makes it so) or the option cannot be set: the caller polls instead."""
+    sec = min(int(timeout), 2**31 - 1)
+    usec = int((timeout - sec) * 1_000_000) if sec < 2**31 - 1 else 0
+    try:
+        if not os.get_blocking(fd):
+            return False
+        # Any family will do for setsockopt on the fd, and a given one spares the two
+        # getsockopt calls CPython otherwise makes to find it out.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+        try:
+            # (0 s would mean "no timeout": never ask for less than a microsecond)
+            sock.setsockopt(
+                socket.SOL_SOCKET,
+                socket.SO_SNDTIMEO,
+                _TIMEVAL.pack(sec, max(usec, 0 if sec else 1)),
+            )
+        finally:
+            sock.detach()
+    except OSError:
+        return False
+    return True
+
+
+def _send_timeout(timeout: float) -> TimeoutError:
+    return TimeoutError(errno.ETIMEDOUT, f"the web server took no response bytes for {timeout:g} s")
 
 
 def _nofile_limit() -> tuple[int, int]:

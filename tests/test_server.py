@@ -965,3 +965,90 @@ def test_whole_requests_on_a_kept_connection_count_for_max_requests(start: Start
     run.thread.join(10)
     assert run.result == [0]
     assert run.server.served == 3
+
+
+# --------------------------------------------------------------------------- full socket buffers
+
+
+def _send_timeout_of(sock: socket.socket) -> float:
+    sec, usec = server_mod._TIMEVAL.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, server_mod._TIMEVAL.size)
+    )
+    return float(sec + usec / 1e6)
+
+
+def _drain_slowly(sock: socket.socket, total: int, got: list[bytes]) -> None:
+    """A web server that reads a little at a time, so the writer finds its buffer full."""
+    n = 0
+    while n < total:
+        time.sleep(0.001)
+        chunk = sock.recv(min(16384, total - n))
+        if not chunk:
+            return
+        got.append(chunk)
+        n += len(chunk)
+
+
+def test_a_full_socket_buffer_switches_the_fd_to_blocking_writes_bounded_by_io_timeout() -> None:
+    """A response larger than the socket buffer: after the first write finds it full, the rest
+    goes out in blocking writes (the kernel sleeps the thread until there is room) that
+    SO_SNDTIMEO bounds with io_timeout; every byte arrives, in order."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        payload = [bytes([i]) * 65536 for i in range(16)]
+        got: list[bytes] = []
+        reader = threading.Thread(target=_drain_slowly, args=(theirs, 16 * 65536, got))
+        reader.start()
+        assert server_mod._write_all(ours.fileno(), list(payload), 2.5, None) is True
+        assert _send_timeout_of(ours) == 2.5
+        # The next write on the same fd is a plain blocking one (the caller passes True back).
+        assert server_mod._write_all(ours.fileno(), [b"end"], 2.5, None, True) is True
+        reader.join(10)
+        assert b"".join(got) == b"".join(payload)
+        assert theirs.recv(3) == b"end"
+
+
+def test_a_web_server_that_takes_nothing_times_out_once_after_io_timeout() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"took no response bytes for 0\.3 s"):
+            server_mod._write_all(ours.fileno(), [b"x" * (8 << 20)], 0.3, None)
+        assert 0.25 < time.monotonic() - t0 < 2.0  # one timeout, not one per retry
+        # In blocking mode, a write with nothing sent raises at once after its own timeout.
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            server_mod._write_all(ours.fileno(), [b"y" * 65536], 0.3, None, True)
+        assert time.monotonic() - t0 < 2.0
+
+
+def test_a_non_blocking_fd_keeps_waiting_in_poll() -> None:
+    """An fd a socket object made non-blocking (a timeout) is never switched: blocking writes
+    on it would fail at once instead of waiting."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        ours.setblocking(False)
+        got: list[bytes] = []
+        reader = threading.Thread(target=_drain_slowly, args=(theirs, 4 * 65536, got))
+        reader.start()
+        assert server_mod._write_all(ours.fileno(), [b"z" * 65536] * 4, 2.0, None) is False
+        reader.join(10)
+        assert len(b"".join(got)) == 4 * 65536
+        assert _send_timeout_of(ours) == 0.0
+
+
+@pytest.mark.parametrize(("timeout", "expected"), [(1e-7, 0.0), (1.5, 1.5), (1e12, 2**31 - 1)])
+def test_send_timeouts_never_round_to_none_and_never_overflow(
+    timeout: float, expected: float
+) -> None:
+    """SO_SNDTIMEO 0 would mean "block forever": a tiny timeout becomes the smallest the
+    kernel keeps (one scheduler tick), a huge one the largest a timeval holds."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        assert server_mod._blocking_sends(ours.fileno(), timeout)
+        got = _send_timeout_of(ours)
+        assert got > 0
+        if expected:
+            assert got == pytest.approx(expected)
