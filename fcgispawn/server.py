@@ -162,6 +162,12 @@ FIRST_WAIT_BACKOFF: Final = 1.0
 #: Under load, a pool thread looks at the epoll (for parked connections that became readable)
 #: at least once per this many accepts; see _worker.
 FAIR_ACCEPTS: Final = 4
+#: How many ready connections one epoll_wait hands the only pool thread (--threads 1). Several
+#: threads take one at a time, so that a ready connection is never held by a thread busy with
+#: another; the only thread serves them in turn either way, and taking them together saves an
+#: epoll_wait per request on kept connections (nginx keepalive): straight at the socket with
+#: FCGI_KEEP_CONN, 0.99 -> 0.09 epoll_wait and 0.59 -> 0.29 context switches per request.
+EVENTS_ONE_THREAD: Final = 16
 #: On a graceful stop, how long connections accepted just before it get to send their request.
 PENDING_DRAIN: Final = 1.0
 #: Parked connections owing a request (new and silent, or stalled mid-request) kept at most;
@@ -1062,6 +1068,7 @@ class Server:
         lfd, stop_fd, task_fd = self._lfd, self._stop_fd, self._task_fd
         tasks = self._tasks
         serve_new = self._serve_new
+        batch = EVENTS_ONE_THREAD if self.threads == 1 else 1
         cell = [0, 0]  # this thread's counts (see Server._work)
         self._cells.append(cell)
         # Try accept() before sleeping only while the last try found a connection (or the
@@ -1108,7 +1115,7 @@ class Server:
                     timeout = 0
             streak = 0
             try:
-                events = poll(timeout, 1)
+                events = poll(timeout, batch)
             except OSError as exc:  # EBADF at teardown after an abandoned drain
                 if exc.errno == errno.EBADF:
                     return

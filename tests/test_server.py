@@ -951,6 +951,38 @@ def test_requests_on_a_kept_connection_take_the_whole_path_and_answer_alike(
     assert answers[0] == answers[1] == answers[2] == answers[3]
 
 
+def test_one_thread_answers_many_kept_connections_ready_at_once_each_with_its_own(
+    start: Start,
+) -> None:
+    """With one pool thread, one epoll_wait hands it every ready connection (up to
+    EVENTS_ONE_THREAD): twenty kept connections with a request each, five rounds, every answer
+    on its own connection and none lost, including one after a slow request in the batch."""
+    run = start(threads=1)
+    assert isinstance(run.address, str)
+    socks = []
+    try:
+        for _ in range(20):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.settimeout(10)
+            sock.connect(run.address)
+        conns = [ClientConnection() for _ in socks]
+        for rnd in range(5):
+            for i, sock in enumerate(socks):
+                path, query = ("/slow", "s=0.05") if i == 3 else ("/query", f"r{rnd}c{i}")
+                pairs = {k.encode(): v.encode() for k, v in _get(path, query).items()}
+                sock.sendall(encode_request(1, pairs, keep_conn=True))
+            for i, (sock, conn) in enumerate(zip(socks, conns, strict=True)):
+                out, _, ends = _streams(_one_response(sock, conn))
+                assert len(ends) == 1
+                assert out.endswith(b"slept" if i == 3 else f"r{rnd}c{i}".encode())
+    finally:
+        for sock in socks:
+            sock.close()
+    assert run.client().request(_get("/query", "after")).body.endswith(b"after")
+    assert not any("Traceback" in line for line in run.logs)
+
+
 def test_a_kept_connections_request_without_keep_conn_is_answered_then_closed(
     start: Start,
 ) -> None:
