@@ -1294,7 +1294,7 @@ class Server:
                         wake_main = True
                 else:
                     close = True
-            max_hit = self._max_hit_locked()
+            max_hit = bool(self.max_requests) and self._max_hit_locked()
             if close and conn.registered and self._watched.get(conn.fd) is conn:
                 del self._watched[conn.fd]  # armed while shared; the close unregisters it
         if evicted is not None:
@@ -1303,7 +1303,8 @@ class Server:
             _close(conn)
         elif wake_main:  # the coordinator sleeps without a deadline: give it this one
             self._wake_main()
-        self._after_release(max_hit, stopping, work)
+        if max_hit or stopping:
+            self._after_release(max_hit, stopping, work)
 
     def _done(self, nserved: int, *, counted: bool = False) -> None:
         """_release for a connection that was closed already (see _serve_whole); ``counted``:
