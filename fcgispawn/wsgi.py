@@ -161,14 +161,16 @@ class InputStream:
             chunk = bytes(chunk)
         return chunk
 
-    def _take_rest(self) -> list[bytes]:
-        """Detach the unconsumed part of the current chunk (as a list, possibly empty)."""
+    def _take_rest(self) -> list[bytes | memoryview]:
+        """Detach the unconsumed part of the current chunk (as a list, possibly empty), for
+        ``b"".join``: a part of a chunk is a memoryview, so that the join is its only copy
+        (slicing bytes first copied every byte of an upload twice)."""
         buf, pos = self._buf, self._pos
         self._buf = b""
         self._pos = 0
         if pos >= len(buf):
             return []
-        return [buf[pos:] if pos else buf]
+        return [memoryview(buf)[pos:] if pos else buf]
 
     def _keep(self, chunk: bytes, pos: int) -> None:
         """Make ``chunk`` the current chunk with ``pos`` bytes already consumed."""
@@ -209,7 +211,7 @@ class InputStream:
                 parts.append(chunk)
                 need -= n
             else:
-                parts.append(chunk[:need])
+                parts.append(memoryview(chunk)[:need])
                 self._keep(chunk, need)
                 need = 0
         return b"".join(parts)
@@ -249,7 +251,7 @@ class InputStream:
                 got += n
                 continue
             cut = nl + 1 if nl >= 0 else lim
-            parts.append(chunk[:cut])
+            parts.append(chunk if cut == n else memoryview(chunk)[:cut])
             self._keep(chunk, cut)
             break
         return b"".join(parts)

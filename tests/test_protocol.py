@@ -17,6 +17,7 @@ from fcgispawn.protocol import (
     FCGI_MAX_CONTENT,
     FCGI_NULL_REQUEST_ID,
     FCGI_VERSION_1,
+    MERGE_BYTES,
     STDOUT_CHUNK,
     AbortRequest,
     BeginRequest,
@@ -286,10 +287,51 @@ def test_nginx_segment_yields_begin_params_and_end_of_stdin_in_one_receive() -> 
     assert conn.keep_conn(1) is False and conn.role(1) is Role.RESPONDER
 
 
-def test_stdin_gives_one_event_per_record() -> None:
+def test_consecutive_stdin_records_of_one_read_become_one_event() -> None:
     conn = ServerConnection()
     wire = begin(1) + rec(4, 1) + rec(5, 1, b"abc") + rec(5, 1, b"defgh") + rec(5, 1)
-    assert conn.receive(wire)[2:] == [Stdin(1, b"abc"), Stdin(1, b"defgh"), Stdin(1, b"")]
+    assert conn.receive(wire)[2:] == [Stdin(1, b"abcdefgh"), Stdin(1, b"")]
+
+
+def test_merged_stdin_events_stay_within_merge_bytes_and_keep_every_byte_in_order() -> None:
+    """nginx's 8 KiB body records: eight make one 64 KiB event (bigger allocations would
+    come from fresh mmaps), and the end of the stream stays an event of its own."""
+    records = [bytes([i]) * 8192 for i in range(20)]
+    wire = begin(1) + rec(4, 1) + b"".join(rec(5, 1, r) for r in records) + rec(5, 1)
+    events = ServerConnection().receive(wire)[2:]
+    chunks = [e.data for e in events if isinstance(e, Stdin)]
+    assert len(chunks) == len(events)
+    assert [len(c) for c in chunks] == [MERGE_BYTES, MERGE_BYTES, 4 * 8192, 0]
+    assert b"".join(chunks) == b"".join(records)
+    assert all(type(c) is bytes for c in chunks)
+
+
+def test_stdin_records_of_multiplexed_requests_are_never_merged_across_requests() -> None:
+    conn = ServerConnection()
+    wire = begin(1) + begin(2) + rec(4, 1) + rec(4, 2)
+    wire += rec(5, 1, b"a") + rec(5, 1, b"b") + rec(5, 2, b"c") + rec(5, 1, b"d") + rec(5, 2, b"e")
+    assert conn.receive(wire)[4:] == [
+        Stdin(1, b"ab"), Stdin(2, b"c"), Stdin(1, b"d"), Stdin(2, b"e")
+    ]
+
+
+def test_filter_data_records_merge_like_stdin_and_end_on_their_own() -> None:
+    conn = ServerConnection()
+    wire = begin(1, role=3) + rec(4, 1) + rec(5, 1, b"in") + rec(5, 1)
+    wire += rec(8, 1, b"da") + rec(8, 1, b"ta") + rec(8, 1)
+    assert conn.receive(wire)[2:] == [
+        Stdin(1, b"in"), Stdin(1, b""), Data(1, b"data"), Data(1, b"")
+    ]
+
+
+def test_a_merged_event_then_the_rest_of_a_record_cut_by_the_read() -> None:
+    conn = ServerConnection()
+    wire = begin(1) + rec(4, 1) + rec(5, 1, b"abc") + rec(5, 1, b"defghij") + rec(5, 1)
+    cut = len(wire) - 8 - 8 + 1  # after the "d" of "defghij" (7 bytes + 1 of padding)
+    first = conn.receive(wire[:cut])[2:]
+    rest = conn.receive(wire[cut:])
+    assert first == [Stdin(1, b"abcd")]
+    assert rest == [Stdin(1, b"efghij"), Stdin(1, b"")]
 
 
 @pytest.mark.parametrize("split", [1, 2, 5, 6, 10, 13, 14])

@@ -356,7 +356,9 @@ def test_input_read_sizes_follow_buffered_io_semantics(
     chunks: list[bytes], sizes: list[int | None], expected: list[bytes]
 ) -> None:
     stream = InputStream(chunk_source(chunks))
-    assert [stream.read(size) for size in sizes] == expected
+    got = [stream.read(size) for size in sizes]
+    assert got == expected
+    assert all(type(part) is bytes for part in got)  # parts of chunks are joined, not leaked
 
 
 def test_input_read_all_of_a_one_chunk_body_returns_that_chunk_without_copying() -> None:
@@ -415,6 +417,7 @@ def test_input_readline_and_iteration_split_on_newline(
     while line := stream.readline():
         got.append(line)
     assert got == lines
+    assert all(type(line) is bytes for line in got)
     assert list(InputStream(chunk_source(chunks))) == lines
     assert InputStream(chunk_source(chunks)).readlines() == lines
 
