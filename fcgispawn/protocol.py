@@ -633,15 +633,15 @@ def encode_response(
 # Application side
 
 
-# Events are immutable, so the ones every nginx request produces are made once: the empty STDIN
-# and the BEGIN_REQUEST of request ids 1-8 (nginx, lighttpd and Apache always use id 1).
-_STDIN_END: Final = {rid: Stdin(rid, b"") for rid in range(1, 9)}
 def _chunk_event(rtype: int, rid: int, parts: list[memoryview]) -> Stdin | Data:
     """One Stdin (or Data) event for the contents of consecutive records (see _parse)."""
     data = b"".join(parts)
     return Stdin(rid, data) if rtype == _STDIN else Data(rid, data)
 
 
+# Events are immutable, so the ones every nginx request produces are made once: the empty STDIN
+# and the BEGIN_REQUEST of request ids 1-8 (nginx, lighttpd and Apache always use id 1).
+_STDIN_END: Final = {rid: Stdin(rid, b"") for rid in range(1, 9)}
 _BEGIN_EVENTS: Final = {
     (rid, int(role), keep): BeginRequest(rid, role, keep)
     for rid in range(1, 9)

@@ -518,18 +518,19 @@ class _Whole(_Output):
             tail = encode_response(self.rid, self.pending, app_status, stderr_used=self.stderr_used)
             # _write_all's common case inlined (one pwritev that takes it all): two Python
             # calls less on every request.
-            sent = 0
+            sent = -1  # (not tried: a blocking fd, or too many buffers for one call)
             if len(tail) <= _IOV_MAX and not self.blocking:
                 try:
                     sent = os.pwritev(self.fd, tail, -1, _RWF_NOWAIT)
                 except BlockingIOError:
-                    pass
+                    sent = 0
                 except OSError:
-                    sent = -1  # the web server is gone: nothing more to write
-                    self.aborted = True  # (a kept connection is dropped, see _serve_whole)
-            if sent >= 0 and sent != sum(map(len, tail)):
+                    self.aborted = True  # gone: a kept connection is dropped (_serve_whole)
+            if not self.aborted and sent != sum(map(len, tail)):
                 try:
-                    _send_rest(self.fd, None, tail, sent, self.server.io_timeout)
+                    _send_rest(
+                        self.fd, None, tail, max(sent, 0), self.server.io_timeout, self.blocking
+                    )
                 except OSError:
                     self.aborted = True
         if not self.close:

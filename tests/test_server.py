@@ -1071,6 +1071,39 @@ def test_a_non_blocking_fd_keeps_waiting_in_poll() -> None:
         assert _send_timeout_of(ours) == 0.0
 
 
+def test_a_streamed_response_switches_its_connection_once_and_arrives_whole(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 MiB streamed to a web server that reads slowly: the response's writes switch the fd
+    to blocking writes once (not per chunk, not again for the end of the response), and every
+    byte arrives, then END_REQUEST."""
+    switched: list[int] = []
+    real = server_mod._blocking_sends
+
+    def counting(fd: int, timeout: float) -> bool:
+        switched.append(fd)
+        return real(fd, timeout)
+
+    monkeypatch.setattr(server_mod, "_blocking_sends", counting)
+    run = start(threads=1)
+    assert isinstance(run.address, str)
+    pairs = {k.encode(): v.encode() for k, v in _get("/stream", "mib=4").items()}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.connect(run.address)
+        sock.sendall(encode_request(1, pairs))
+        time.sleep(0.2)  # the socket buffers fill up while nobody reads
+        conn = ClientConnection()
+        events: list[Any] = []
+        while chunk := sock.recv(65536):
+            events += conn.receive(chunk)
+        out, _, ends = _streams(events)
+    assert out.endswith(wsgi_apps.stream_bytes(4))
+    assert len(ends) == 1
+    assert len(switched) == 1
+
+
 @pytest.mark.parametrize(("timeout", "expected"), [(1e-7, 0.0), (1.5, 1.5), (1e12, 2**31 - 1)])
 def test_send_timeouts_never_round_to_none_and_never_overflow(
     timeout: float, expected: float
