@@ -625,8 +625,7 @@ class _Conn:
         """
         sock = self._sock
         if sock is None:
-            # family/type/proto given: without them CPython asks the kernel (2 getsockopt).
-            sock = self._sock = socket.socket(self.family, socket.SOCK_STREAM, 0, self.fd)
+            sock = self._sock = _socket_for(self.fd, self.family)
         return sock
 
     def recv(self) -> Buffer:
@@ -2016,9 +2015,8 @@ def _blocking_sends(fd: int, timeout: float) -> bool:
     try:
         if not os.get_blocking(fd):
             return False
-        # Any family will do for setsockopt on the fd, and a given one spares the two
-        # getsockopt calls CPython otherwise makes to find it out.
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+        # (any family will do for setsockopt on the fd)
+        sock = _socket_for(fd, socket.AF_UNIX)
         try:
             # (0 s would mean "no timeout": never ask for less than a microsecond)
             sock.setsockopt(
@@ -2031,6 +2029,18 @@ def _blocking_sends(fd: int, timeout: float) -> bool:
     except OSError:
         return False
     return True
+
+
+def _socket_for(fd: int, family: int) -> socket.socket:
+    """A socket object for a connection's fd (blocking, as accept() made it) that leaves it
+    blocking. With socket.setdefaulttimeout() in effect (apps set it to bound their outbound
+    calls) a new socket object makes its fd non-blocking: blocking writes on it (see
+    _send_rest) would then fail at once as timeouts. family/type/proto are given: without them
+    CPython asks the kernel (2 getsockopt)."""
+    sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    if sock.gettimeout() is not None:
+        sock.setblocking(True)
+    return sock
 
 
 def _send_timeout(timeout: float) -> TimeoutError:

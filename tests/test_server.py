@@ -7,6 +7,7 @@ Signals and process exit are covered in test_runtime.py.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -1069,6 +1070,27 @@ def test_a_non_blocking_fd_keeps_waiting_in_poll() -> None:
         reader.join(10)
         assert len(b"".join(got)) == 4 * 65536
         assert _send_timeout_of(ours) == 0.0
+
+
+def test_an_apps_socket_default_timeout_does_not_make_the_fd_non_blocking() -> None:
+    """socket.setdefaulttimeout() (apps set it to bound their outbound calls) makes every new
+    socket object non-blocking, including the one that sets SO_SNDTIMEO on our fd: the switch
+    must leave the fd blocking, or every write after it fails at once as a timeout."""
+    ours, theirs = socket.socketpair()
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5.0)
+    try:
+        with ours, theirs:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            got: list[bytes] = []
+            reader = threading.Thread(target=_drain_slowly, args=(theirs, 8 * 65536, got))
+            reader.start()
+            assert server_mod._write_all(ours.fileno(), [b"q" * 65536] * 8, 2.0, None) is True
+            assert os.get_blocking(ours.fileno())
+            reader.join(10)
+            assert len(b"".join(got)) == 8 * 65536
+    finally:
+        socket.setdefaulttimeout(old)
 
 
 def test_a_streamed_response_switches_its_connection_once_and_arrives_whole(
