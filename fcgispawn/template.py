@@ -87,6 +87,10 @@ def become_template(ctl_fd: int, log: Callable[[str], None]) -> bool:
     template once the supervisor is gone (its caller then ends the process).
     """
     ctl = socket.socket(fileno=ctl_fd)
+    # Blocking, whatever the app did: an app that calls socket.setdefaulttimeout() at import
+    # (to bound its outbound calls) gave this socket that timeout, and the template died with
+    # TimeoutError each time no fork was asked for that long.
+    ctl.settimeout(None)
     ctl.set_inheritable(False)
     supervisor = os.getppid()
     worker_comm = _comm()

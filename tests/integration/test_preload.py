@@ -13,6 +13,7 @@ import os
 import pwd
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,27 @@ def test_a_killed_template_is_replaced_while_its_workers_keep_serving(servers: S
     os.kill(workers[0], signal.SIGKILL)
     assert wait_until(lambda: _answer(sock)[1] not in workers, 10), "no replacement answered"
     assert _imports(log) == [template, new_template]
+
+
+def test_an_app_that_sets_a_socket_default_timeout_does_not_time_the_template_out(
+    servers: Servers,
+) -> None:
+    """socket.setdefaulttimeout() at import (apps bound their outbound calls with it) must
+    not reach the template's control socket: the template used to die with TimeoutError each
+    time no fork was asked for that long, and was restarted over and over."""
+    workdir = servers.workdir
+    (workdir / "preload_app.py").write_text(
+        "import socket\nsocket.setdefaulttimeout(0.3)\n" + APP_SOURCE.replace("@VERSION@", "t")
+    )
+    proc, sock, log = _start_proc(servers)
+    (template,) = templates_of(proc.pid)
+    time.sleep(1.5)  # five of the app's timeouts without a fork request
+    assert templates_of(proc.pid) == [template]
+    workers = children_of(proc.pid)
+    os.kill(workers[0], signal.SIGKILL)  # the template forks the replacement
+    assert wait_until(lambda: _answer(sock)[1] not in workers, 10), "no replacement answered"
+    assert templates_of(proc.pid) == [template]
+    assert _imports(log) == [template]
 
 
 def test_ttin_forks_one_more_worker_and_ttou_retires_one(servers: Servers) -> None:
