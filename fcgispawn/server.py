@@ -516,23 +516,10 @@ class _Whole(_Output):
         # (try/except, not contextlib.suppress: that costs ~0.5 us, on every request)
         if not self.aborted:
             tail = encode_response(self.rid, self.pending, app_status, stderr_used=self.stderr_used)
-            # _write_all's common case inlined (one pwritev that takes it all): two Python
-            # calls less on every request.
-            sent = -1  # (not tried: a blocking fd, or too many buffers for one call)
-            if len(tail) <= _IOV_MAX and not self.blocking:
-                try:
-                    sent = os.pwritev(self.fd, tail, -1, _RWF_NOWAIT)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    self.aborted = True  # gone: a kept connection is dropped (_serve_whole)
-            if not self.aborted and sent != sum(map(len, tail)):
-                try:
-                    _send_rest(
-                        self.fd, None, tail, max(sent, 0), self.server.io_timeout, self.blocking
-                    )
-                except OSError:
-                    self.aborted = True
+            try:  # (_write's body: a call less on every request)
+                _write_all(self.fd, tail, self.server.io_timeout, None, self.blocking)
+            except OSError:
+                self.aborted = True  # a kept connection is dropped (_serve_whole)
         if not self.close:
             return
         try:  # noqa: SIM105
@@ -1943,7 +1930,12 @@ def _write_all(
     """
     if len(bufs) <= _IOV_MAX:
         try:
-            sent = os.writev(fd, bufs) if blocking else _writev(fd, sock, bufs)
+            if blocking:
+                sent = os.writev(fd, bufs)
+            elif sock is None:  # (_writev inlined: this is every response's write)
+                sent = os.pwritev(fd, bufs, -1, _RWF_NOWAIT)
+            else:
+                sent = sock.sendmsg(bufs, (), _DONTWAIT)
         except BlockingIOError:
             if blocking:  # SO_SNDTIMEO ran out with nothing sent
                 raise _send_timeout(timeout) from None
