@@ -23,8 +23,9 @@ Why it is shaped like this (DESIGN.md, server.py; each point was measured on pro
   listener: parked connections and queued tasks must wake one thread too, and
   ``EPOLLEXCLUSIVE`` can neither be combined with ``EPOLLONESHOT`` nor used on a nested epoll
   fd (EINVAL), so every parked connection would wake every idle thread.
-* **No peer pins a thread.** Every read is non-blocking (``preadv2(RWF_NOWAIT)`` on the bare
-  fd: the same single syscall as ``read``, see :func:`_nowait_io`). A connection with nothing
+* **No peer pins a thread.** Every read that must not wait is non-blocking
+  (``preadv2(RWF_NOWAIT)`` on the bare fd: the same single syscall as ``read``, see
+  :func:`_nowait_io`). A connection with nothing
   to read -- accepted before the web server wrote (after :data:`FIRST_WAIT`, at most 5 ms and
   only while no silent peer made that wait run out in the last second), kept open between
   requests (nginx ``fastcgi_keep_conn``), or stalled in the middle of a record before its
@@ -35,10 +36,11 @@ Why it is shaped like this (DESIGN.md, server.py; each point was measured on pro
   ``io_timeout`` seconds (:data:`IO_TIMEOUT`) for a connection that has not finished sending a
   request; bytes that complete no record do not extend that deadline (no slowloris). So 1,000
   silent connections cost 1,000 fds and no thread. A thread blocks on a peer only while it runs
-  that peer's request: waiting for more STDIN, or for the web server to take response bytes
+  that peer's request: waiting for more STDIN (after the first wait, the connection's waiting
+  reads block with SO_RCVTIMEO = ``io_timeout``), or for the web server to take response bytes
   (a write first tries without blocking; once the socket buffer was full, the connection's
-  writes block with SO_SNDTIMEO = ``io_timeout``, so a stuck web server never hangs one for
-  longer). On that timeout the connection is closed, logged in one line.
+  writes block with SO_SNDTIMEO = ``io_timeout``), so a stuck web server never hangs one for
+  longer. On that timeout the connection is closed, logged in one line.
 * **Hung applications.** ``request_timeout`` bounds one app call (from the call to the end of
   its response). A thread cannot be interrupted, so when a call overruns, the coordinator logs
   one line naming the request and its run time and the server stops with
@@ -234,7 +236,7 @@ _WHOLE: Final = memoryview(b"")
 #: for the next one (and __slots__ keeps apps from adding any).
 _NO_BODY: Final = InputStream(bytes)
 _RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)
-_TIMEVAL: Final = struct.Struct("@ll")  # struct timeval (SO_SNDTIMEO), as Linux defines it
+_TIMEVAL: Final = struct.Struct("@ll")  # struct timeval (SO_SNDTIMEO/SO_RCVTIMEO), as Linux has it
 _POLLIN: Final = select.POLLIN
 _POLLOUT: Final = select.POLLOUT
 
@@ -552,6 +554,7 @@ class _Conn:
         "pending",
         "progress",
         "proto",
+        "rblocking",
         "registered",
         "reqs",
         "rlock",
@@ -585,6 +588,7 @@ class _Conn:
         self.served = 0
         self.stdin_incomplete = False
         self.blocking = False  # the fd takes blocking writes (see _send_rest)
+        self.rblocking = False  # waiting reads block, bounded by SO_RCVTIMEO (see Server._read)
         # Created by share() when the connection first becomes shared: a Condition costs
         # 1.5 us, as much as a twentieth of a whole request, and only multiplexed connections
         # need these.
@@ -622,6 +626,12 @@ class _Conn:
             bufs, view, _ = _read_buffer()
             return view[: os.preadv(self.fd, bufs, -1, _RWF_NOWAIT)]
         return self.sock.recv(_RECV_ALLOC, _DONTWAIT)
+
+    def recv_wait(self) -> Buffer:
+        """One blocking read, bounded by SO_RCVTIMEO (only once ``rblocking``, see
+        Server._read): BlockingIOError when it ran out."""
+        bufs, view, _ = _read_buffer()
+        return view[: os.readv(self.fd, bufs)]
 
     def close(self) -> None:
         if self._sock is not None:
@@ -1537,32 +1547,51 @@ class Server:
     def _read(self, conn: _Conn, *, wait: bool) -> bool:
         """Read once (the caller holds the read token or owns the connection) and dispatch.
 
-        ``wait``: a running request needs this input, so wait for it (poll, at most
-        io_timeout, then the connection is closed and logged). Otherwise returns False at
-        once if nothing is there. EOF, errors and protocol violations mark the connection
-        dead and abort its requests.
+        ``wait``: a running request needs this input, so wait for it (at most io_timeout,
+        then the connection is closed and logged). Otherwise returns False at once if nothing
+        is there. EOF, errors and protocol violations mark the connection dead and abort its
+        requests.
+
+        The first wait switches the connection to blocking reads bounded by SO_RCVTIMEO
+        (_blocking_reads), used only by reads that wait: a body that trickles in (nginx
+        passes an upload on in 8 KiB records as it comes) then costs one read per wake-up
+        instead of a failing read, a BlockingIOError, a poll and the read again.
         """
         try:
-            data = conn.recv()
+            data = conn.recv_wait() if wait and conn.rblocking else conn.recv()
         except BlockingIOError:
             if not wait:
                 return False
-            if not _wait_fd(conn.fd, _POLLIN, self.io_timeout):
-                self.log(
-                    f"I/O timeout: the web server sent no request input for "
-                    f"{self.io_timeout:g} s; closing the connection"
-                )
-                self._kill(conn)
-                return True
-            try:
-                data = conn.recv()
-            except BlockingIOError:  # spurious wakeup: the caller asks again
-                return True
-            except OSError:
-                data = b""
+            if conn.rblocking:  # SO_RCVTIMEO ran out with nothing read
+                return self._input_timeout(conn)
+            if _nowait and _blocking_reads(conn.fd, self.io_timeout):
+                conn.rblocking = True
+                try:
+                    data = conn.recv_wait()
+                except BlockingIOError:
+                    return self._input_timeout(conn)
+                except OSError:
+                    data = b""
+            elif not _wait_fd(conn.fd, _POLLIN, self.io_timeout):
+                return self._input_timeout(conn)
+            else:
+                try:
+                    data = conn.recv()
+                except BlockingIOError:  # spurious wakeup: the caller asks again
+                    return True
+                except OSError:
+                    data = b""
         except OSError:
             data = b""
         self._feed(conn, data)
+        return True
+
+    def _input_timeout(self, conn: _Conn) -> bool:
+        self.log(
+            f"I/O timeout: the web server sent no request input for {self.io_timeout:g} s; "
+            "closing the connection"
+        )
+        self._kill(conn)
         return True
 
     def _feed(self, conn: _Conn, data: Buffer) -> None:
@@ -2002,6 +2031,16 @@ def _blocking_sends(fd: int, timeout: float) -> bool:
     (SO_SNDTIMEO, set once per connection: it outlives the response, and the next one's writes
     are bounded the same way). False where the fd is not in blocking mode (a socket object with
     a timeout makes it so) or the option cannot be set: the caller polls instead."""
+    return _bound_blocking(fd, socket.SO_SNDTIMEO, timeout)
+
+
+def _blocking_reads(fd: int, timeout: float) -> bool:
+    """_blocking_sends for reads (SO_RCVTIMEO): a read that waits for a request's input sleeps
+    in the kernel until bytes come, at most ``timeout``. See _read."""
+    return _bound_blocking(fd, socket.SO_RCVTIMEO, timeout)
+
+
+def _bound_blocking(fd: int, option: int, timeout: float) -> bool:
     sec = min(int(timeout), 2**31 - 1)
     usec = int((timeout - sec) * 1_000_000) if sec < 2**31 - 1 else 0
     try:
@@ -2012,9 +2051,7 @@ def _blocking_sends(fd: int, timeout: float) -> bool:
         try:
             # (0 s would mean "no timeout": never ask for less than a microsecond)
             sock.setsockopt(
-                socket.SOL_SOCKET,
-                socket.SO_SNDTIMEO,
-                _TIMEVAL.pack(sec, max(usec, 0 if sec else 1)),
+                socket.SOL_SOCKET, option, _TIMEVAL.pack(sec, max(usec, 0 if sec else 1))
             )
         finally:
             sock.detach()

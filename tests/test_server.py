@@ -1010,6 +1010,19 @@ def _send_timeout_of(sock: socket.socket) -> float:
     return float(sec + usec / 1e6)
 
 
+def _count_switches(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Record the fds that server_mod.<name> (_blocking_sends/_blocking_reads) switches."""
+    switched: list[int] = []
+    real: Callable[[int, float], bool] = getattr(server_mod, name)
+
+    def counting(fd: int, timeout: float) -> bool:
+        switched.append(fd)
+        return real(fd, timeout)
+
+    monkeypatch.setattr(server_mod, name, counting)
+    return switched
+
+
 def _drain_slowly(sock: socket.socket, total: int, got: list[bytes]) -> None:
     """A web server that reads a little at a time, so the writer finds its buffer full."""
     n = 0
@@ -1099,14 +1112,7 @@ def test_a_streamed_response_switches_its_connection_once_and_arrives_whole(
     """4 MiB streamed to a web server that reads slowly: the response's writes switch the fd
     to blocking writes once (not per chunk, not again for the end of the response), and every
     byte arrives, then END_REQUEST."""
-    switched: list[int] = []
-    real = server_mod._blocking_sends
-
-    def counting(fd: int, timeout: float) -> bool:
-        switched.append(fd)
-        return real(fd, timeout)
-
-    monkeypatch.setattr(server_mod, "_blocking_sends", counting)
+    switched = _count_switches(monkeypatch, "_blocking_sends")
     run = start(threads=1)
     assert isinstance(run.address, str)
     pairs = {k.encode(): v.encode() for k, v in _get("/stream", "mib=4").items()}
@@ -1124,6 +1130,70 @@ def test_a_streamed_response_switches_its_connection_once_and_arrives_whole(
     assert out.endswith(wsgi_apps.stream_bytes(4))
     assert len(ends) == 1
     assert len(switched) == 1
+
+
+def _trickle_upload(address: str, pieces: list[bytes], pause: float) -> bytes:
+    """POST to /echo with its STDIN sent a record at a time, ``pause`` between records (as
+    nginx passes an upload on while it comes); the response body, or b"" when the connection
+    was closed without one."""
+    body = b"".join(pieces)
+    params = {
+        k.encode(): v.encode()
+        for k, v in _get("/echo", REQUEST_METHOD="POST", CONTENT_LENGTH=str(len(body))).items()
+    }
+    head = (
+        encode_begin_request(1)
+        + encode_record(RecordType.PARAMS, 1, encode_pairs(params))
+        + encode_record(RecordType.PARAMS, 1)
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(address)
+        sock.sendall(head)
+        for piece in pieces:
+            time.sleep(pause)
+            if piece:
+                sock.sendall(encode_record(RecordType.STDIN, 1, piece))
+        if pieces and pieces[-1] == b"":
+            time.sleep(pause)  # the last piece says "stall": no end of STDIN
+        else:
+            sock.sendall(encode_record(RecordType.STDIN, 1))
+        conn = ClientConnection()
+        events: list[Any] = []
+        while chunk := sock.recv(65536):
+            events += conn.receive(chunk)
+    out, _, _ = _streams(events)
+    return out.split(b"\r\n\r\n", 1)[1] if out else b""
+
+
+def test_a_body_that_trickles_in_switches_its_connection_to_blocking_reads_once(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app waits for each record of the body: the first wait switches the connection to
+    blocking reads that SO_RCVTIMEO bounds with io_timeout (one read a wake-up, no failing
+    read and poll), once, and every byte reaches the app in order."""
+    switched = _count_switches(monkeypatch, "_blocking_reads")
+    run = start(threads=1, io_timeout=7.5)
+    assert isinstance(run.address, str)
+    pieces = [bytes([i]) * (1000 + i) for i in range(12)]
+    assert _trickle_upload(run.address, pieces, 0.02) == b"".join(pieces)
+    if server_mod._nowait:
+        assert len(switched) == 1
+    else:  # no RWF_NOWAIT here: waits stay in poll, the same bytes arrive
+        assert switched == []
+
+
+def test_a_body_that_stops_coming_times_out_once_after_io_timeout(start: Start) -> None:
+    """Blocking reads are bounded: a web server that sends part of a body and then nothing
+    gets its connection closed after io_timeout (logged), and the worker serves on."""
+    run = start(threads=1, io_timeout=0.4)
+    assert isinstance(run.address, str)
+    t0 = time.monotonic()
+    assert _trickle_upload(run.address, [b"a" * 100, b"b" * 100, b""], 0.05) == b""
+    took = time.monotonic() - t0
+    assert 0.4 < took < 3.0  # one timeout after the last bytes, not one per retry
+    assert any("sent no request input for 0.4 s" in line for line in run.logs)
+    assert run.client().request(_get("/hello")).status == 200
 
 
 @pytest.mark.parametrize(("timeout", "expected"), [(1e-7, 0.0), (1.5, 1.5), (1e12, 2**31 - 1)])
