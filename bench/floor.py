@@ -11,12 +11,16 @@ bench/results/2026-11-29-floor.md).
 MODE letters: ``T`` serve in a thread (the main thread waits) instead of the main thread;
 ``W`` use fcgispawn's own protocol and WSGI layers (``whole_responder_request``,
 ``build_environ_latin1``, ``run_app``, ``encode_response``) instead of the hand-rolled walk and
-CGI head; ``-`` neither. Load it with bench/fcgiload.c and read the processes' CPU time.
+CGI head; ``N`` fcgispawn's syscalls (non-blocking accept, ``preadv2``/``pwritev2`` with
+RWF_NOWAIT) instead of blocking accept, read and writev; ``-`` none of these. Load it with
+bench/fcgiload.c and read the processes' CPU time.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import select
 import socket
 import struct
 import sys
@@ -37,6 +41,7 @@ BASE = {
     "wsgi.run_once": False,
 }
 LIMITS = Limits()
+_writev: Callable[[int, Any], int] = os.writev
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -77,7 +82,7 @@ def _bare(fd: int, data: bytes) -> None:
     body = b"".join(app(env, start_response))
     lines = "".join(f"{k}: {v}\r\n" for k, v in head[1])
     out = f"Status: {head[0]}\r\n{lines}\r\n".encode("latin-1") + body
-    os.writev(fd, [struct.pack(">BBHHBx", 1, 6, 1, len(out), 0), out, END_REQUEST_1])
+    _writev(fd, [struct.pack(">BBHHBx", 1, 6, 1, len(out), 0), out, END_REQUEST_1])
 
 
 def _layered(fd: int, data: bytes) -> None:
@@ -92,7 +97,38 @@ def _layered(fd: int, data: bytes) -> None:
     )
     pending: list[bytes] = []
     status = run_app(app, environ, pending.extend, log=print)
-    os.writev(fd, encode_response(params.request_id, pending, status))
+    _writev(fd, encode_response(params.request_id, pending, status))
+
+
+def serve_nowait(listener: socket.socket, handle: Callable[[int, bytes], None]) -> None:
+    """serve() with fcgispawn's syscalls: a non-blocking accept (poll when it says EAGAIN), the
+    read as preadv2(RWF_NOWAIT) into a reused mmap, the write as pwritev2(RWF_NOWAIT)."""
+    global _writev
+    accept = listener._accept  # type: ignore[attr-defined]
+    listener.setblocking(False)
+    waiter = select.poll()
+    waiter.register(listener.fileno(), select.POLLIN)
+    buf = mmap.mmap(-1, 65536)
+    bufs, view = [buf], memoryview(buf)
+    nowait = os.RWF_NOWAIT
+    _writev = lambda fd, data: os.pwritev(fd, data, -1, nowait)  # noqa: E731
+    while True:
+        try:
+            fd, _ = accept()
+        except BlockingIOError:
+            waiter.poll()
+            continue
+        try:
+            try:
+                n = os.preadv(fd, bufs, -1, nowait)
+            except BlockingIOError:  # connected before it wrote: wait for its bytes
+                select.select([fd], [], [], 5)
+                n = os.preadv(fd, bufs, -1, nowait)
+            if n:
+                handle(fd, bytes(view[:n]))
+        except (OSError, AssertionError, IndexError):
+            pass
+        os.close(fd)
 
 
 def serve(listener: socket.socket, handle: Callable[[int, bytes], None]) -> None:
@@ -115,11 +151,12 @@ def main() -> None:
     for _ in range(processes - 1):
         if os.fork() == 0:
             break
+    loop = serve_nowait if "N" in mode else serve
     if "T" in mode:
-        threading.Thread(target=serve, args=(listener, handle), daemon=True).start()
+        threading.Thread(target=loop, args=(listener, handle), daemon=True).start()
         threading.Event().wait()
     else:
-        serve(listener, handle)
+        loop(listener, handle)
 
 
 if __name__ == "__main__":
