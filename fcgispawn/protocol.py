@@ -66,6 +66,7 @@ __all__ = [
     "Stdin",
     "StdoutData",
     "UnknownType",
+    "asks_keep_conn",
     "decode_pairs",
     "decode_pairs_latin1",
     "encode_abort_request",
@@ -719,6 +720,16 @@ def _whole_body(data: bytes | memoryview, rid: int, pos: int, end: int, body: li
         chunks.append(bytes(data[start : start + clen]))
     body += chunks
     return True
+
+
+def asks_keep_conn(data: bytes | memoryview) -> bool:
+    """Whether ``data`` starts with a BEGIN_REQUEST record whose flags ask for FCGI_KEEP_CONN.
+
+    The server's cue, when whole_responder_request(..., keep_conn=False) said no for a new
+    connection's first read, to try again with keep_conn=True: nginx with ``fastcgi_keep_conn
+    on`` sets the flag on the first request of every connection it opens.
+    """
+    return len(data) >= 16 and data[1] == _BEGIN and data[10] & FCGI_KEEP_CONN == FCGI_KEEP_CONN
 
 
 def whole_responder_request(

@@ -106,6 +106,7 @@ from fcgispawn.protocol import (
     Role,
     ServerConnection,
     Stdin,
+    asks_keep_conn,
     encode_response,
     frame_stream,
     whole_responder_request,
@@ -1435,12 +1436,19 @@ class Server:
         return None
 
     def _first_read(
-        self, fd: int, cell: list[int] | None, kept: _Conn | None = None
+        self,
+        fd: int,
+        cell: list[int] | None,
+        kept: _Conn | None = None,
+        conn: _Conn | None = None,
     ) -> Buffer | None:
         """The first read of a connection (RWF_NOWAIT): None if nothing is there yet, _WHOLE if
-        it was one whole request, answered and closed (_serve_whole; ``cell`` and ``kept`` as
-        there), else the bytes (``b""`` at EOF), a view of this thread's buffer for the caller
-        to feed. ``kept``: the first read of a kept connection's next request instead."""
+        it was one whole request, answered (_serve_whole; ``cell`` and ``kept`` as there), else
+        the bytes (``b""`` at EOF), a view of this thread's buffer for the caller to feed.
+        ``kept``: the first read of a kept connection's next request instead. A new
+        connection's whole request that asks for FCGI_KEEP_CONN is answered too, and the
+        connection (``conn``, or a new _Conn) is then released (parked for its next request)
+        here: after _WHOLE the caller has nothing left to do with it."""
         bufs: list[mmap.mmap]
         view: memoryview
         body: list[bytes]
@@ -1457,7 +1465,21 @@ class Server:
         data = view[:n]
         whole = whole_responder_request(data, self.limits, body, kept is not None) if n else None
         if whole is None:
-            return data
+            if kept is not None or not asks_keep_conn(data):
+                return data
+            # The first request of a connection the web server keeps open (nginx with
+            # fastcgi_keep_conn on, whose upstream keepalive pool opens new connections under
+            # load): answered the same way, then the connection waits for its next request.
+            whole = whole_responder_request(data, self.limits, body, True)
+            if whole is None:
+                return data
+            kept = conn if conn is not None else _Conn(fd, self.limits, self._family)
+            kept.fresh = False
+            try:
+                self._serve_whole(fd, whole, cell, body, kept)
+            finally:
+                self._leave(kept)
+            return _WHOLE
         self._serve_whole(fd, whole, cell, body, kept)
         return _WHOLE
 
@@ -1528,9 +1550,9 @@ class Server:
             # one. Not after part of a record (those bytes belong to what comes now), and no
             # socket object may hold the fd that _serve_whole closes.
             kept = None if conn.fresh else conn
-            data = self._first_read(conn.fd, None, kept)
+            data = self._first_read(conn.fd, None, kept, conn)
             if data is _WHOLE and kept is None:
-                return  # answered, closed and counted
+                return  # answered and closed (or released, see _first_read) and counted
             try:
                 if data is not None and data is not _WHOLE:
                     self._feed(conn, data)

@@ -944,7 +944,8 @@ def test_requests_on_a_kept_connection_take_the_whole_path_and_answer_alike(
         for _ in range(3):
             sock.sendall(whole)
             answers.append(_streams(_one_response(sock, conn)))
-        assert whole_taken == [False, True, True]  # the first came on a new connection
+        # The first, on a new connection, is tried as one without KEEP_CONN, then as a kept one.
+        assert whole_taken == [False, True, True, True]
         sock.sendall(whole[:10])  # the same request in two reads: the connection machinery
         time.sleep(0.05)
         sock.sendall(whole[10:])
@@ -982,6 +983,31 @@ def test_one_thread_answers_many_kept_connections_ready_at_once_each_with_its_ow
             sock.close()
     assert run.client().request(_get("/query", "after")).body.endswith(b"after")
     assert not any("Traceback" in line for line in run.logs)
+
+
+def test_a_new_connections_keep_conn_request_takes_the_whole_path_and_parks_it(
+    start: Start, whole_taken: list[bool]
+) -> None:
+    """nginx with fastcgi_keep_conn opens connections as its keepalive pool needs them, and
+    closes the ones the pool has no room for after one response: the first request of a new
+    connection is answered without the connection machinery too, the connection then waits for
+    its next request, and when the web server closes it the worker closes its side and counts
+    it out."""
+    run = start(threads=1)
+    answers = _kept_exchange(run, "/query", "first", [True])
+    assert len(answers) == 1 and answers[0].endswith(b"first")
+    assert True in whole_taken
+    for _ in range(100):  # the EOF is picked up from the epoll
+        with run.server._lock:
+            if not run.server._watched and not run.server._idle_count:
+                break
+        time.sleep(0.02)
+    with run.server._lock:
+        assert not run.server._watched
+        assert run.server._idle_count == 0
+        assert run.server._busy() == 0
+    assert run.server.served == 1
+    assert _kept_exchange(run, "/query", "again", [True, False])[1].endswith(b"again")
 
 
 def test_a_kept_connections_request_without_keep_conn_is_answered_then_closed(
