@@ -38,6 +38,7 @@ from fcgispawn.protocol import (
     Stdin,
     StdoutData,
     UnknownType,
+    asks_keep_conn,
     decode_pairs,
     decode_pairs_latin1,
     encode_abort_request,
@@ -1031,3 +1032,14 @@ def test_whole_request_with_a_body_is_exactly_that_shape(wire: bytes) -> None:
     body: list[bytes] = []
     assert whole_responder_request(wire, Limits(), body) is None
     assert body == []
+
+
+def test_asks_keep_conn_reads_the_begin_request_flag_and_nothing_else() -> None:
+    """The server's cue to retry a new connection's first read as a kept one."""
+    assert asks_keep_conn(encode_begin_request(1, keep_conn=True) + b"rest")
+    assert asks_keep_conn(memoryview(encode_begin_request(7, Role.FILTER, keep_conn=True)))
+    assert not asks_keep_conn(encode_begin_request(1))
+    assert not asks_keep_conn(encode_begin_request(1, keep_conn=True)[:15])  # cut short
+    # The flags byte of anything but a BEGIN_REQUEST means nothing.
+    flags_at_10 = b"\x00\x00\x01" + b"\x00" * 5
+    assert not asks_keep_conn(encode_record(RecordType.PARAMS, 1, flags_at_10))
