@@ -3,7 +3,9 @@
 What it measures and why (see issues 2 and 6): every backend serves the same hello app with 2
 worker processes on a UNIX socket; each is loaded (a) through a private nginx (one worker,
 access_log off) by ``wrk -t1 -c32`` and (b) straight at the socket by our C generator
-``fcgiload -c32``. On these 2-core machines nginx saturates a core first, so req/s bunches up;
+``fcgiload -c32``; ``--modes nginx-ka`` adds (c) through the same nginx with an upstream
+keepalive pool and ``fastcgi_keep_conn on`` (connections stay open between requests). On these
+2-core machines nginx saturates a core first, so req/s bunches up;
 the backend's own CPU time per request (utime+stime of ALL its processes from /proc, sampled
 before and after the load window, divided by completed requests) is what separates backends.
 Backends are interleaved over R repetitions (order rotated each round), the machine is checked
@@ -36,6 +38,17 @@ HELLO = b"Hello, World!"
 PEERS = ("fcgispawn", "fcgispawn-2t", "uwsgi", "flup-fork", "flup-threaded", "c-app", "floor")
 #: Run unless --peers says otherwise; "floor" is a measurement aid (bench/floor.py), not a peer.
 DEFAULT_PEERS = ("fcgispawn", "fcgispawn-2t", "uwsgi", "flup-fork", "flup-threaded", "c-app")
+#: Load modes: the table title of each ({c}: connections).
+MODES: dict[str, str] = {
+    "nginx": "through nginx (1 worker) + wrk -t1 -c{c}",
+    "nginx-ka": (
+        "through nginx (1 worker, upstream keepalive 64, fastcgi_keep_conn on) + wrk -t1 -c{c}"
+    ),
+    "direct": "straight at the socket, fcgiload -c{c}",
+}
+NGINX_MODES = ("nginx", "nginx-ka")
+#: The modes issue 6 sets goals for.
+GOAL_MODES = ("nginx", "direct")
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,7 @@ class Run:
 
     backend: str
     repetition: int
-    mode: str  # "nginx" or "direct"
+    mode: str  # "nginx", "nginx-ka" or "direct" (see MODES)
     requests: int
     errors: int
     seconds: float
@@ -232,7 +245,7 @@ def measure_backend(
     settings: Settings,
     tools: Tools,
     procs: common.Processes,
-    nginx: tuple[common.Launched, int] | None,
+    nginx: tuple[common.Launched, dict[str, int]] | None,
     sock: Path,
 ) -> None:
     """Starts backend, warms it up, runs each mode once, stops it."""
@@ -257,7 +270,8 @@ def measure_backend(
             log(f"  {backend.name}: {settings.skipped[backend.name]}")
             return
         for mode in settings.modes:
-            if mode == "nginx" and nginx is None:
+            through_nginx = mode in NGINX_MODES
+            if through_nginx and nginx is None:
                 continue
             warning = common.check_idle(
                 f"{backend.name} {mode} #{repetition}", wait=settings.idle_wait
@@ -266,9 +280,9 @@ def measure_backend(
             nginx_pids = nginx[0].pids() if nginx else set()
             before = common.cpu_ticks(pids)
             nginx_before = common.cpu_ticks(nginx_pids)
-            if mode == "nginx":
+            if through_nginx:
                 assert nginx is not None
-                requests, errors, seconds, note = run_wrk(nginx[1], settings)
+                requests, errors, seconds, note = run_wrk(nginx[1][mode], settings)
             else:
                 requests, errors, seconds, note = run_fcgiload(
                     tools, sock, settings.duration, settings.connections,
@@ -287,7 +301,7 @@ def measure_backend(
                 seconds,
                 common.cpu_seconds_between(before, after),
                 common.cpu_seconds_between(nginx_before, common.cpu_ticks(nginx_pids))
-                if mode == "nginx"
+                if through_nginx
                 else None,
                 warning,
                 note,
@@ -376,11 +390,7 @@ def summarize(settings: Settings) -> str:
         runs = [r for r in settings.runs if r.mode == mode]
         if not runs:
             continue
-        title = (
-            f"through nginx (1 worker) + wrk -t1 -c{settings.connections}"
-            if mode == "nginx"
-            else f"straight at the socket, fcgiload -c{settings.connections}"
-        )
+        title = MODES[mode].format(c=settings.connections)
         lines.append(f"### {title}")
         lines.append("")
         ref_us = ref_rps = math.nan
@@ -392,7 +402,7 @@ def summarize(settings: Settings) -> str:
             "| backend | µs/req median (min-max) | req/s median (min-max) "
             f"| µs/req ÷ {reference or '-'} | req/s ÷ {reference or '-'} | errors |"
         )
-        if mode == "nginx":
+        if mode in NGINX_MODES:
             header += " nginx µs/req | nginx + backend µs/req |"
         lines.append(header)
         lines.append("|---" * (header.count("|") - 1) + "|")
@@ -408,7 +418,7 @@ def summarize(settings: Settings) -> str:
                 f"| {_ratio(us[0], ref_us)} | {_ratio(rps[0], ref_rps)} "
                 f"| {sum(r.errors for r in mine)} |"
             )
-            if mode == "nginx":
+            if mode in NGINX_MODES:
                 ngx = common.median_range([r.nginx_us_per_req for r in mine])
                 both = common.median_range([r.system_us_per_req for r in mine])
                 row += f" {_fmt(ngx[0], 1)} | {_fmt(both[0], 1)} |"
@@ -424,24 +434,24 @@ def summarize(settings: Settings) -> str:
                 )[0]
 
             ours = med("fcgispawn")
-            lines.append(
-                f"- {mode}: vs uWSGI {_ratio(ours, med('uwsgi'))} (goal ≤ 1.00), "
-                f"vs C app {_ratio(ours, med('c-app'))} (goal ≤ 1.10)"
-            )
-        if "nginx" in settings.modes:
+            uwsgi, c_app = _ratio(ours, med("uwsgi")), _ratio(ours, med("c-app"))
+            if mode in GOAL_MODES:
+                uwsgi, c_app = f"{uwsgi} (goal ≤ 1.00)", f"{c_app} (goal ≤ 1.10)"
+            lines.append(f"- {mode}: vs uWSGI {uwsgi}, vs C app {c_app}")
+        for mode in (m for m in settings.modes if m in NGINX_MODES):
 
-            def system(name: str) -> float:
+            def system(name: str, mode: str = mode) -> float:
                 return common.median_range(
                     [
                         r.system_us_per_req
                         for r in settings.runs
-                        if r.backend == name and r.mode == "nginx"
+                        if r.backend == name and r.mode == mode
                     ]
                 )[0]
 
             lines.append(
-                f"- nginx + backend (not a goal; the whole machine's CPU per request): vs uWSGI "
-                f"{_ratio(system('fcgispawn'), system('uwsgi'))}, "
+                f"- {mode}, nginx + backend (not a goal; the whole machine's CPU per request): "
+                f"vs uWSGI {_ratio(system('fcgispawn'), system('uwsgi'))}, "
                 f"vs C app {_ratio(system('fcgispawn'), system('c-app'))}"
             )
         lines.append("")
@@ -524,7 +534,7 @@ def parse_args(argv: list[str]) -> Settings:
         help=f"comma list out of {','.join(PEERS)}",
     )
     parser.add_argument(
-        "--modes", default="nginx,direct", help="comma list out of nginx,direct"
+        "--modes", default="nginx,direct", help=f"comma list out of {','.join(MODES)}"
     )
     parser.add_argument("--label", default="hello", help="results file name suffix")
     parser.add_argument(
@@ -545,8 +555,8 @@ def parse_args(argv: list[str]) -> Settings:
     if unknown:
         parser.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in ("nginx", "direct") for m in modes):
-        parser.error("--modes takes nginx, direct or both")
+    if not modes or any(m not in MODES for m in modes):
+        parser.error(f"--modes takes one or more of {', '.join(MODES)}")
     if args.repetitions < 1 or args.duration <= 0 or args.connections < 1:
         parser.error("--repetitions, --duration and --connections must be positive")
     if not 0 <= args.body <= 60000:
@@ -585,11 +595,13 @@ def main(argv: list[str] | None = None) -> int:
     procs = common.Processes()
     sock = workdir / "backend.sock"
     try:
-        nginx = (
-            common.start_nginx(procs, workdir / "nginx", sock)
-            if "nginx" in settings.modes
-            else None
-        )
+        nginx = None
+        if any(m in NGINX_MODES for m in settings.modes):
+            kept_port = common.free_port()
+            launched, port = common.start_nginx(
+                procs, workdir / "nginx", sock, keepalive_port=kept_port
+            )
+            nginx = (launched, {"nginx": port, "nginx-ka": kept_port})
         for repetition in range(1, settings.repetitions + 1):
             order = settings.peers[repetition - 1 :] + settings.peers[: repetition - 1]
             log(f"repetition {repetition}/{settings.repetitions}: {', '.join(order)}")

@@ -467,18 +467,51 @@ http {{
 {extra}
         }}
     }}
-}}
+{kept}}}
+"""
+
+#: A second server block for start_nginx(keepalive_port=...): the same backend through an
+#: upstream that keeps connections open (nginx's recipe for fewer connects; fcgispawn honours
+#: FCGI_KEEP_CONN). keepalive 64: at least the requests in flight (wrk -c32), or nginx closes
+#: and reopens connections all the time.
+NGINX_KEPT_SERVER = """    upstream kept {{
+        server unix:{socket};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            include /etc/nginx/fastcgi_params;
+            fastcgi_pass kept;
+            fastcgi_keep_conn on;
+{extra}
+        }}
+    }}
 """
 
 
 def start_nginx(
-    procs: Processes, prefix: Path, socket_path: Path, *, extra: str = ""
+    procs: Processes,
+    prefix: Path,
+    socket_path: Path,
+    *,
+    extra: str = "",
+    keepalive_port: int | None = None,
 ) -> tuple[Launched, int]:
-    """A private nginx: one worker, access_log off, everything under prefix, loopback only."""
+    """A private nginx: one worker, access_log off, everything under prefix, loopback only.
+    With ``keepalive_port``, a second server there reaches the backend through connections
+    nginx keeps open (NGINX_KEPT_SERVER)."""
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, socket=socket_path, extra=extra))
+    kept = (
+        NGINX_KEPT_SERVER.format(port=keepalive_port, socket=socket_path, extra=extra)
+        if keepalive_port is not None
+        else ""
+    )
+    conf.write_text(
+        NGINX_CONF.format(prefix=prefix, port=port, socket=socket_path, extra=extra, kept=kept)
+    )
     launched = procs.launch(
         "nginx",
         ["nginx", "-p", str(prefix), "-c", str(conf)],
