@@ -1214,6 +1214,24 @@ def test_a_body_that_trickles_in_switches_its_connection_to_blocking_reads_once(
         assert switched == []
 
 
+def test_without_rwf_nowait_the_socket_object_path_serves_the_same(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kernels whose sockets refuse RWF_NOWAIT get socket objects and MSG_DONTWAIT instead, and
+    waits in poll(): a GET, a body that trickles in, kept connections and a body that stops
+    coming behave as on the fast path."""
+    monkeypatch.setattr(server_mod, "_nowait", False)
+    run = start(threads=1, io_timeout=0.5)
+    assert isinstance(run.address, str)
+    assert run.client().request(_get("/hello")).body == b"Hello, World!"
+    pieces = [bytes([i]) * 700 for i in range(6)]
+    assert _trickle_upload(run.address, pieces, 0.02) == b"".join(pieces)
+    answers = _kept_exchange(run, "/query", "k", [True, True, False])
+    assert [a[-1:] for a in answers] == [b"k", b"k", b"k", b""]
+    assert _trickle_upload(run.address, [b"a" * 10, b""], 0.05) == b""
+    assert any("sent no request input for 0.5 s" in line for line in run.logs)
+
+
 def test_a_body_that_stops_coming_times_out_once_after_io_timeout(start: Start) -> None:
     """Blocking reads are bounded: a web server that sends part of a body and then nothing
     gets its connection closed after io_timeout (logged), and the worker serves on."""
