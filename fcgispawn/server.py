@@ -1528,8 +1528,11 @@ class Server:
         cell[0] -= 1
         cell[1] += 1
         # Counted before the flags are read: a stop that set _stopping earlier is seen here;
-        # one that sets it later reads these counts under its lock (_busy).
-        if self._stopping or self.max_requests:
+        # one that sets it later reads these counts under its lock (_busy). --max-requests is
+        # looked at without the lock first (~1.5 us a request under it): the thread whose
+        # request reaches the limit sees its own count, and a count another thread adds later
+        # under the lock is checked by that thread (_release, _done).
+        if self._stopping or (self.max_requests and self._max_reached()):
             self._done(0, counted=True)
 
     def _pickup(self, conn: _Conn) -> None:

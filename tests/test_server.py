@@ -852,6 +852,31 @@ def test_whole_request_path_counts_requests_for_max_requests(start: Start) -> No
     assert run.server.served == 3
 
 
+def test_max_requests_is_reached_under_concurrent_whole_requests(start: Start) -> None:
+    """Pool threads look at --max-requests without the lock first: with four threads serving
+    whole requests at once, the worker still stops at the limit (the requests in flight then
+    finish: at most one per thread beyond it)."""
+    run = start(threads=4, max_requests=40)
+    whole, _split = _whole_and_split(_get("/hello"))
+
+    def one(_: int) -> bool:
+        if not run.thread.is_alive():
+            return False  # stopped at the limit: later connections would wait in the backlog
+        try:
+            events = _raw_exchange(str(run.address), whole, timeout=1)
+        except OSError:
+            return False  # connected after the limit: nobody answers
+        return bool(events) and isinstance(events[-1], EndRequest)
+
+    with ThreadPoolExecutor(8) as pool:
+        answered = sum(pool.map(one, range(80)))
+    run.thread.join(10)
+    assert not run.thread.is_alive()
+    assert run.result == [0]
+    assert 40 <= run.server.served <= 44
+    assert 40 <= answered <= run.server.served  # (a client may give up on a slow answer)
+
+
 def test_a_whole_request_after_part_of_a_record_is_read_as_the_rest_of_that_record(
     start: Start,
 ) -> None:
