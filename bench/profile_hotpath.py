@@ -11,6 +11,8 @@ buffer, request id 1):
 - ``--mode server``: the real ``Server._serve_new`` on a socketpair whose peer end already
   holds the request: ``os.read``, the app, ``os.writev``, ``close`` -- everything a pool thread
   does after ``accept()``. The response is read back and checked.
+- ``--mode kept``: the next request on a connection kept open (FCGI_KEEP_CONN), from the pool
+  thread's epoll event to the connection parked again.
 
 Modes of measurement:
 
@@ -229,6 +231,40 @@ def make_server_cycle(app: Callable[..., Any]) -> Callable[[], list[Any]]:
     return cycle
 
 
+def make_kept_cycle(app: Callable[..., Any]) -> Callable[[], list[Any]]:
+    """The next request on a connection nginx keeps open (``fastcgi_keep_conn on``): the
+    request (KEEP_CONN set) is waiting on a parked connection; what a pool thread does on its
+    epoll event (take it out of the watched set, ``_pickup``: read, answer, park it again).
+    Everything but the epoll_wait."""
+    import select
+
+    from fcgispawn.server import Server, _Conn
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = Server(app, listener, threads=1, multiprocess=True, log=_log)
+    server._ep = select.epoll()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = ours.detach()
+    conn = _Conn(fd, server.limits, socket.AF_UNIX)
+    conn.fresh = False
+    with server._lock:
+        server._work += 1
+    server._leave(conn)  # parked, as after its first request
+    wire = protocol.encode_begin_request(1, keep_conn=True) + WIRE[16:]
+
+    def cycle() -> list[Any]:
+        theirs.sendall(wire)
+        with server._lock:  # the pool thread's epoll branch (Server._worker)
+            got = server._watched.pop(fd)
+            got.idle = False
+            server._unpark_locked(got)
+            server._work += 1
+        server._pickup(got)
+        return [theirs.recv(65536)]
+
+    return cycle
+
+
 def make_floor_cycle(app: Callable[..., Any], *, bare: bool = False) -> Callable[[], list[Any]]:
     """bench/floor.py's W loop body on the same socketpair: what fcgispawn's protocol and WSGI
     layers cost without the server around them (the server-mode count minus this one is the
@@ -304,7 +340,9 @@ def _callgrind(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--mode", choices=("cycle", "server", "floor", "bare"), default="cycle")
+    ap.add_argument(
+        "--mode", choices=("cycle", "server", "kept", "floor", "bare"), default="cycle"
+    )
     ap.add_argument("--cycles", type=int, default=0, help="cycles to run (default: per action)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--callgrind", action="store_true", help="instructions per request")
@@ -322,6 +360,8 @@ def main() -> None:
 
     if args.mode == "server":
         cycle = make_server_cycle(hello)
+    elif args.mode == "kept":
+        cycle = make_kept_cycle(hello)
     elif args.mode in ("floor", "bare"):
         cycle = make_floor_cycle(hello, bare=args.mode == "bare")
     else:
