@@ -752,8 +752,9 @@ def whole_responder_request(
     too: the contents are appended to ``body`` (left empty when None is returned).
 
     ``keep_conn``: the FCGI_KEEP_CONN flag the request must carry -- False for a new
-    connection's request (nginx's default: the server closes after it), True for the next
-    request on a connection kept open (the server keeps it open again).
+    connection's request (nginx's default: the server closes after it), True for a request
+    after which the server keeps the connection open: the next one on a kept connection, or a
+    new connection's first one that asks for it (see asks_keep_conn).
     """
     shape = _whole_shape(data, body)
     if shape is None:
