@@ -1436,19 +1436,17 @@ class Server:
         return None
 
     def _first_read(
-        self,
-        fd: int,
-        cell: list[int] | None,
-        kept: _Conn | None = None,
-        conn: _Conn | None = None,
+        self, fd: int, cell: list[int] | None, conn: _Conn | None = None
     ) -> Buffer | None:
-        """The first read of a connection (RWF_NOWAIT): None if nothing is there yet, _WHOLE if
-        it was one whole request, answered (_serve_whole; ``cell`` and ``kept`` as there), else
-        the bytes (``b""`` at EOF), a view of this thread's buffer for the caller to feed.
-        ``kept``: the first read of a kept connection's next request instead. A new
+        """The first read of a request (RWF_NOWAIT): None if nothing is there yet, _WHOLE if it
+        was one whole request, answered (_serve_whole; ``cell`` as there), else the bytes
+        (``b""`` at EOF), a view of this thread's buffer for the caller to feed. ``conn``: the
+        connection's _Conn if it has one (a parked one picked up); unless it is still fresh,
+        this is its next request and it stays open (``kept`` in _serve_whole). A new
         connection's whole request that asks for FCGI_KEEP_CONN is answered too, and the
         connection (``conn``, or a new _Conn) is then released (parked for its next request)
         here: after _WHOLE the caller has nothing left to do with it."""
+        kept = conn if conn is not None and not conn.fresh else None
         bufs: list[mmap.mmap]
         view: memoryview
         body: list[bytes]
@@ -1552,9 +1550,9 @@ class Server:
             # request on a connection it keeps open (fastcgi_keep_conn): either may be a whole
             # one. Not after part of a record (those bytes belong to what comes now), and no
             # socket object may hold the fd that _serve_whole closes.
-            kept = None if conn.fresh else conn
-            data = self._first_read(conn.fd, None, kept, conn)
-            if data is _WHOLE and kept is None:
+            fresh = conn.fresh
+            data = self._first_read(conn.fd, None, conn)
+            if data is _WHOLE and fresh:
                 return  # answered and closed (or released, see _first_read) and counted
             try:
                 if data is not None and data is not _WHOLE:
