@@ -27,13 +27,17 @@ Policy definitions (kept in one place, see :func:`classify_exit`):
   ``Policy.ready_timeout``. This matters for reloads of slow-starting apps: old workers keep
   serving until the new ones really accept, instead of for a fixed 0.2 s.
 * An exit the supervisor did not ask for is a **startup failure** ("crash") when the worker died
-  before it was up. A crash is restarted after the slot's backoff delay (``backoff_initial``,
-  doubling, capped at ``backoff_max``). A worker that was up and died younger than
-  ``reset_after`` is **lost** (kill -9, OOM killer, a crash on some request): replaced at once
-  the first time, after the slot's doubling delay if it keeps happening, and never counted
-  towards giving up -- the app demonstrably starts, so the pool must stay. Status 0 after being
-  up is a voluntary recycle (``--max-requests``), replaced at once. A worker that lived
-  ``reset_after`` seconds or more is replaced at once and its slot's backoff is reset.
+  before it was up and no worker of its generation (the same program, env and code) has been
+  up yet. A crash is restarted after the slot's backoff delay (``backoff_initial``, doubling,
+  capped at ``backoff_max``). A worker that was up -- or whose generation was -- and died
+  younger than ``reset_after`` is **lost** (kill -9, OOM killer, a crash on some request):
+  replaced at once the first time, after the slot's doubling delay if it keeps happening, and
+  never counted towards giving up -- the app demonstrably starts, so the pool must stay. (A
+  replacement meets the backlog at once: a request that crashes the app kills it long before
+  it could settle.) Status 0 after that is a voluntary recycle (``--max-requests``, php-cgi's
+  ``PHP_FCGI_MAX_REQUESTS``, which under load comes within milliseconds), replaced at once. A
+  worker that lived ``reset_after`` seconds or more is replaced at once and its slot's
+  backoff is reset.
 * ``crash_limit`` crashes (all slots together: they run the same program) within
   ``crash_window`` seconds is a crash loop: every worker is stopped and :meth:`Supervisor.run`
   raises :class:`~fcgispawn.errors.CrashLoopError` naming the last exit reason.
@@ -470,6 +474,9 @@ class Supervisor:
         self._notify_sock: socket.socket | None = None
         #: How long a STARTING worker waits to count as up without a READY=1.
         self._settle = policy.ready_timeout if spec.readiness is Readiness.NOTIFY else policy.settle
+        #: The newest generation a worker of which has been up: its program demonstrably
+        #: starts, so its workers' later exits are never startup failures (see _exited).
+        self._proven_generation = -1
         self._child_env = {k: v for k, v in spec.env.items() if k not in _SUPERVISOR_ONLY_ENV}
         # Preload mode (spec.template): the template of the running generation, the one being
         # started by a reload, and when to start the running generation's anew after it died.
@@ -999,7 +1006,7 @@ class Supervisor:
             if worker is None or b"READY=1" not in data.split(b"\n"):
                 continue
             if worker.state is WorkerState.STARTING:
-                worker.move(WorkerState.UP)
+                self._mark_up(worker)
                 uptime = time.monotonic() - worker.started
                 self._log(f"worker {worker.pid} ready after {uptime:.2f}s")
 
@@ -1070,7 +1077,7 @@ class Supervisor:
             self._watchdog_next = now + interval
         for worker in list(self._workers.values()):
             if worker.state is WorkerState.STARTING and now >= worker.started + self._settle:
-                worker.move(WorkerState.UP)
+                self._mark_up(worker)
                 if self._spec.readiness is Readiness.NOTIFY:
                     self._log(
                         f"worker {worker.pid} sent no READY=1 within {self._settle:g}s; "
@@ -1163,8 +1170,16 @@ class Supervisor:
             status,
             lifetime,
             requested=requested,
-            # By age too: the settle timer may not have run yet in this loop iteration.
-            was_up=worker.state is WorkerState.UP or lifetime >= self._settle,
+            # By age too: the settle timer may not have run yet in this loop iteration. And by
+            # its generation: a replacement that takes a request from the backlog at once may
+            # exit (php-cgi's PHP_FCGI_MAX_REQUESTS) or die of it (a request that crashes the
+            # app) long before it settles; counted as startup failures, a few such requests
+            # made the supervisor give up on a working pool.
+            was_up=(
+                worker.state is WorkerState.UP
+                or lifetime >= self._settle
+                or worker.generation <= self._proven_generation
+            ),
             policy=self._policy,
         )
         desc = f"worker {worker.pid} {reason} after {lifetime:.2f}s"
@@ -1199,6 +1214,10 @@ class Supervisor:
         if self._phase is Phase.RELOADING and slot.successor is not None:
             slot.restart_at = None  # the successor takes this slot over; no restart needed
         self._notify_status()
+
+    def _mark_up(self, worker: _Worker) -> None:
+        worker.move(WorkerState.UP)
+        self._proven_generation = max(self._proven_generation, worker.generation)
 
     def _restart_now(self, slot: _Slot) -> None:
         slot.restart_at = time.monotonic()

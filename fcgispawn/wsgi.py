@@ -666,6 +666,7 @@ class _Response:
 
     __slots__ = (
         "declared",
+        "errors",
         "head",
         "head_sent",
         "log",
@@ -675,9 +676,15 @@ class _Response:
         "send_error",
     )
 
-    def __init__(self, send: Callable[[list[bytes]], None], log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        send: Callable[[list[bytes]], None],
+        log: Callable[[str], None],
+        errors: wsgi_types.ErrorStream | None = None,
+    ) -> None:
         self.send = send
         self.log = log
+        self.errors = errors
         self.head: bytes | None = None
         self.head_sent = False
         self.declared: int | None = None  # the Content-Length header's value
@@ -688,6 +695,21 @@ class _Response:
     @property
     def disconnected(self) -> bool:
         return self.send_error is not None
+
+    def report(self, message: str) -> None:
+        """A fault of the app's: to the server's log, and to the request's ``wsgi.errors``
+        too, as wsgiref does. fcgispawn's wsgi.errors is FCGI_STDERR, which every web server
+        writes to its error log: where an operator looks for a 500, and the only place the
+        message survives where the worker's stderr is /dev/null (lighttpd's bin-path children,
+        a detached spawner's workers, both as spawn-fcgi's)."""
+        self.log(message)
+        errors = self.errors
+        if errors is not None:
+            try:
+                errors.write(message + "\n")
+                errors.flush()
+            except Exception:  # the log above has it; this copy is best effort
+                pass
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: _ExcInfo | None = None, /
@@ -738,7 +760,7 @@ class _Response:
                 # PEP 3333: never send more than Content-Length (it would corrupt a kept-alive
                 # upstream connection's next response on the web server's side).
                 self.overflow = True
-                self.log(
+                self.report(
                     "WSGI application sent more body than its Content-Length header "
                     f"({self.declared} bytes); the response was truncated"
                 )
@@ -781,6 +803,13 @@ def _format_exception(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).rstrip("\n")
 
 
+def _describe(exc: BaseException) -> str:
+    """The exception's own line first, then the traceback: web servers cut a long stderr
+    line (nginx at ~2 KB), and a traceback ends with what matters most."""
+    summary = traceback.format_exception_only(exc)[-1].rstrip("\n")
+    return f"{summary}\n{_format_exception(exc)}"
+
+
 class Batching(Protocol):
     """What ``run_app`` tells a server that may coalesce sends (see ``run_app``)."""
 
@@ -810,8 +839,8 @@ def run_app(
     what ends the response (PEP 3333 forbids holding a chunk back only while the app computes
     the next one: a generator's chunks must go out as they come).
     """
-    resp = _Response(send, log)
     errors = environ.get("wsgi.errors")
+    resp = _Response(send, log, errors)
     result: Iterable[bytes] | None = None
     failed = False
     try:
@@ -837,7 +866,7 @@ def run_app(
                     close()
                 except Exception as exc:
                     failed = True
-                    log(f"error in the WSGI application's close():\n{_format_exception(exc)}")
+                    resp.report(f"error in the WSGI application's close(): {_describe(exc)}")
         # (the server's own ErrorStream with nothing pending: skip the call)
         if errors is not None and (type(errors) is not ErrorStream or errors._pending):
             try:
@@ -904,17 +933,15 @@ def _send_result(resp: _Response, result: Iterable[bytes]) -> None:
 def _report(resp: _Response, exc: Exception) -> None:
     """Log an application failure and, if nothing was sent yet, answer a bare 500."""
     if resp.disconnected:
-        resp.log(
-            f"error in the WSGI application after the client went away:\n{_format_exception(exc)}"
-        )
+        resp.log(f"error in the WSGI application after the client went away: {_describe(exc)}")
         return
     if resp.head_sent:
-        resp.log(
-            "error in the WSGI application after the response started; it is truncated:\n"
-            + _format_exception(exc)
+        resp.report(
+            "error in the WSGI application after the response started; it is truncated: "
+            + _describe(exc)
         )
         return
-    resp.log(f"error in the WSGI application, answering 500:\n{_format_exception(exc)}")
+    resp.report(f"error in the WSGI application, answering 500: {_describe(exc)}")
     resp.head_sent = True
     try:
         resp.send([_INTERNAL_ERROR_RESPONSE])

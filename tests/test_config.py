@@ -77,6 +77,14 @@ def test_no_socket_option_means_inherited() -> None:
     assert build(opts(fd=5)).address == FdAddress(5)
 
 
+def test_an_inherited_socket_keeps_a_supervisor_when_the_one_worker_will_exit() -> None:
+    # The worker alone would close the only copy of the socket on a recycle or a request
+    # timeout: the web server would see its queued connections reset.
+    assert not build(Options(wsgi="hello:app", max_requests=100)).serves_in_process
+    assert not build(Options(wsgi="hello:app", request_timeout=30.0)).serves_in_process
+    assert build(Options(wsgi="hello:app", max_requests_jitter=5)).serves_in_process
+
+
 def test_php_children_only_with_c() -> None:
     assert "PHP_FCGI_CHILDREN" not in build(opts()).extra_env
     assert build(opts(php_children=4)).extra_env["PHP_FCGI_CHILDREN"] == "4"

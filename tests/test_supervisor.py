@@ -581,6 +581,43 @@ def test_worker_exiting_0_after_startup_is_recycled_not_a_crash(
     assert "giving up" not in sup.log
 
 
+def _quick_exits(sup: Sup, settle: float, exit_text: str) -> int:
+    """How many workers the log shows ending ``exit_text`` younger than ``settle``."""
+    lifetimes = [
+        float(line.rsplit(" after ", 1)[1].split("s", 1)[0])
+        for line in sup.lines
+        if exit_text in line and " after " in line
+    ]
+    return sum(1 for t in lifetimes if t < settle)
+
+
+@pytest.mark.parametrize("how", ["exit 0", "SIGKILL"])
+def test_replacements_dying_before_they_settle_never_make_a_proven_pool_give_up(
+    procs: ProcessGroup, sockdir: Path, how: str
+) -> None:
+    # A replacement meets the backlog at once: php-cgi recycling itself under load
+    # (PHP_FCGI_MAX_REQUESTS, status 0) or a request that crashes the app ends it long before
+    # it settles. Counted as startup failures, 5 of those made fcgispawn give up on a pool
+    # that had been serving, and remove its socket.
+    settle = 1.0
+    policy = {"crash_limit": 2, "settle": settle, "backoff_initial": 0.05, "reset_after": 60}
+    sup = start(procs, sockdir, policy=policy)  # ready: the first worker lived `settle`
+    seen: set[int] = set()
+    for _ in range(4):
+        (pid,) = sup.wait_workers(1, exclude=seen)
+        if how == "exit 0":
+            assert int(ask(sup.sock, "exit")) == pid  # served a request, then exits
+        else:
+            os.kill(pid, signal.SIGKILL)
+        seen.add(pid)
+    sup.wait_workers(1, exclude=seen)
+    assert int(ask(sup.sock)) not in seen  # the pool serves
+    assert sup.proc.poll() is None, sup.log
+    assert "giving up" not in sup.log
+    text = "exit status 0" if how == "exit 0" else "killed by signal SIGKILL"
+    wait_for(lambda: _quick_exits(sup, settle, text) >= 3, what=f"quick exits in:\n{sup.log}")
+
+
 # -------------------------------------------------------------------------------- signals
 
 

@@ -1073,7 +1073,9 @@ def test_write_beyond_content_length_raises_in_the_app() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_app_exception_before_response_is_a_plain_500_with_traceback_only_in_the_log() -> None:
+def test_app_exception_before_response_is_a_plain_500_with_the_traceback_in_the_logs() -> None:
+    # In the worker's log and in wsgi.errors (FCGI_STDERR: the web server's error log, the
+    # only log left where the worker's stderr is /dev/null), never in the response.
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         raise ZeroDivisionError("secret detail /srv/app/settings.py")
 
@@ -1089,6 +1091,10 @@ def test_app_exception_before_response_is_a_plain_500_with_traceback_only_in_the
     assert len(out.logs) == 1
     assert "Traceback (most recent call last)" in out.logs[0]
     assert "ZeroDivisionError: secret detail" in out.logs[0]
+    # The exception's own line comes first: web servers cut long stderr lines (nginx ~2 KB).
+    first = "error in the WSGI application, answering 500: ZeroDivisionError: secret detail"
+    assert out.logs[0].startswith(first)
+    assert b"".join(out.stderr).decode() == out.logs[0] + "\n"
 
 
 def test_app_exception_after_start_response_but_before_body_is_still_a_500() -> None:
@@ -1129,6 +1135,41 @@ def test_keyboard_interrupt_propagates_after_close() -> None:
     with pytest.raises(KeyboardInterrupt):
         serve(app, send=send, validate=False)
     assert result.closed == 1
+
+
+def test_app_faults_after_the_response_started_reach_wsgi_errors_too() -> None:
+    def overflowing(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", "3")])
+        return [b"first"]
+
+    out = serve(overflowing, validate=False)
+    assert "more body than its Content-Length header (3 bytes)" in b"".join(out.stderr).decode()
+
+    def failing(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response("200 OK", TEXT)
+        return Closing([b"first", b"second"], fail_at=1)
+
+    out = serve(failing, validate=False)
+    stderr = b"".join(out.stderr).decode()
+    assert "after the response started; it is truncated: RuntimeError: boom" in stderr
+    assert stderr == out.logs[0] + "\n"
+
+
+def test_a_fault_after_the_client_went_away_is_only_logged() -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        write = start_response("200 OK", TEXT)
+        try:
+            write(b"first")
+        except Exception:
+            raise RuntimeError("late") from None
+        return []
+
+    def send(bufs: list[bytes]) -> None:
+        raise BrokenPipeError(32, "gone")
+
+    out = serve(app, send=send, validate=False)
+    assert any("after the client went away: RuntimeError: late" in line for line in out.logs)
+    assert out.stderr == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -214,6 +214,44 @@ def test_50_concurrent_requests_each_get_their_own_answer(frontend: Frontend) ->
         assert re.fullmatch(rf"token {token} pid \d+\n", resp.text), (token, resp.text)
 
 
+def test_max_requests_under_lighttpd_bin_path_recycles_without_failing_a_request(
+    servers: Servers,
+) -> None:
+    # lighttpd hands its one spawned process the only copy of the socket; a worker recycling
+    # on its own took it along: lighttpd saw the queued connections reset and marked the
+    # backend down (57 of 60 requests failed). A supervisor now keeps the socket meanwhile.
+    lighttpd = servers.lighttpd(
+        servers.workdir / "lighttpd.sock",
+        bin_path=[*_runtime_argv(), "--max-requests", "3"],
+        max_procs=1,
+    )
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: lighttpd.get("/pid"), range(60)))
+    assert [r.status for r in responses] == [200] * 60, [r.text for r in responses]
+    pids = {r.text for r in responses}
+    assert len(pids) >= 15, pids  # 3 requests each (a worker may see fewer at its stop)
+
+
+@pytest.mark.parametrize("kind", ["nginx", "lighttpd"])
+def test_an_app_exception_lands_in_the_web_servers_error_log(servers: Servers, kind: str) -> None:
+    # FCGI_STDERR: where an operator looks for a 500, and the only log left where the worker's
+    # stderr is /dev/null (a daemonized lighttpd's children, spawn-fcgi-style detached runs).
+    if kind == "nginx":
+        _proc, address = servers.runtime_on_fd0()
+        server = servers.nginx(address)
+    else:
+        server = servers.lighttpd(
+            servers.workdir / "lighttpd.sock", bin_path=_runtime_argv(), max_procs=1
+        )
+    resp = server.get("/raises")
+    assert resp.status == 500
+    assert b"boom" not in resp.body
+    # The exception's own line first: nginx cuts a stderr line at ~2 KB.
+    wanted = "error in the WSGI application, answering 500: RuntimeError: boom"
+    assert wait_until(lambda: wanted in server.error_log.read_text(errors="replace"), timeout=5)
+    assert server.get("/hello").status == 200
+
+
 # ---- KEEP_CONN and multiplexing ---------------------------------------------------------------
 
 
