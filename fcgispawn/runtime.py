@@ -20,7 +20,7 @@ Timeouts (server.py says how each works): ``request_timeout`` (cli ``--request-t
 the longest one app call may run; when one overruns, the server logs it and stops, and
 :func:`run` ends the process with :data:`~fcgispawn.server.EXIT_REQUEST_TIMEOUT` (124) at once
 -- a hung thread cannot be stopped or joined, and the supervisor replaces the worker. The I/O
-timeout for a stalled web server (:data:`~fcgispawn.server.IO_TIMEOUT`, 30 s) and the idle
+timeout for a stalled web server (:data:`~fcgispawn.server.IO_TIMEOUT`, 90 s) and the idle
 timeout of kept-open connections (60 s) are fixed internal defaults.
 
 File descriptors: every parked connection holds one (up to ``server.MAX_IDLE_CONNS`` kept-open

@@ -114,6 +114,7 @@ from fcgispawn.protocol import (
 from fcgispawn.wsgi import (
     ErrorStream,
     InputStream,
+    RequestBodyIncomplete,
     WSGIApplication,
     build_environ_latin1,
     run_app,
@@ -136,10 +137,13 @@ __all__ = [
 IDLE_TIMEOUT: Final = 60.0
 #: Seconds a connection that has not finished sending a request may stay silent: before its
 #: first record, in the middle of a record or of PARAMS (parked, no thread), or while its running
-#: request waits for STDIN or for the web server to take response bytes (a thread waits in
-#: ``poll``). A web server writes a request at once and reads responses as they come, so only a
-#: dead or hostile peer hits it; nginx's own fastcgi_send/read_timeout default to 60 s.
-IO_TIMEOUT: Final = 30.0
+#: request waits for STDIN or for the web server to take response bytes (a thread waits). Longer
+#: than the front ends' own limits, so that they decide: a web server that streams an upload
+#: (nginx with fastcgi_request_buffering off, Apache mod_proxy_fcgi) passes its client's pauses
+#: on, and allows those up to 60 s by default (nginx client_body_timeout, Apache Timeout,
+#: lighttpd max-read-idle); at 30 s we cut off uploads they still accepted. A web server that
+#: gives up closes the connection or aborts the request, which ends the wait at once.
+IO_TIMEOUT: Final = 90.0
 #: Exit status of a worker whose app call overran ``request_timeout`` (as timeout(1) uses):
 #: distinct from a crash (1) and a clean recycle (0), so the supervisor and logs can tell.
 EXIT_REQUEST_TIMEOUT: Final = 124
@@ -443,10 +447,14 @@ class _Req(_Output):
                 if self.conn.shared:
                     self.conn.consumed(self, len(chunk))
                 return chunk
-            if (self.data_done if data else self.stdin_done) or self.aborted:
+            if self.data_done if data else self.stdin_done:
                 return b""
+            if self.aborted:
+                raise RequestBodyIncomplete("the web server aborted the request")
             if not self.server._await_input(self.conn, self):
-                return b""
+                raise RequestBodyIncomplete(
+                    "the connection to the web server was closed or timed out"
+                )
 
     # -- the response ---------------------------------------------------------------------------
 

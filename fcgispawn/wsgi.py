@@ -35,6 +35,7 @@ __all__ = [
     "FileWrapper",
     "InputStream",
     "InvalidResponseError",
+    "RequestBodyIncomplete",
     "StartResponseError",
     "WSGIAppLoadError",
     "WSGIApplication",
@@ -93,6 +94,17 @@ class ClientDisconnected(ConnectionError):
 
     Raised from the ``write()`` callable so that an app which streams through ``write()`` stops;
     a subclass of ``ConnectionError`` so that apps treating I/O errors generically still do.
+    """
+
+
+class RequestBodyIncomplete(ClientDisconnected):
+    """Raised by ``wsgi.input`` reads when the request body cannot be completed: the web server
+    aborted the request (its client went away), closed the connection, or stopped sending.
+
+    Never a silent early end: with ``wsgi.input_terminated`` (and chunked uploads, which carry
+    no CONTENT_LENGTH) a short read would look like the whole body, and a cut upload would be
+    stored as if complete. A ``ConnectionError``, as mod_wsgi's and gunicorn's read errors are
+    I/O errors: apps and frameworks that guard their reads for those still do.
     """
 
 
@@ -851,6 +863,10 @@ def run_app(
                 batching.defer = True
         if resp.send_error is None:  # the app may have hit a dead peer through write() already
             _send_result(resp, result)
+    except RequestBodyIncomplete as exc:
+        # The web server gave up on this request: no one is left to read a 500 or a traceback.
+        failed = True
+        log(f"the request ended before its body was complete: {exc}")
     except ClientDisconnected as exc:
         if resp.send_error is None:  # raised by the app itself, not by our send
             failed = True

@@ -37,8 +37,9 @@ from fcgispawn.protocol import (
     whole_responder_request,
 )
 from fcgispawn.server import Server, parse_web_server_addrs
+from fcgispawn.wsgi import RequestBodyIncomplete
 from tests.apps import wsgi_apps
-from tests.procs import stdout_until_eof
+from tests.procs import stdout_until_eof, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -376,6 +377,56 @@ def test_abort_request_stops_feeding_the_app_and_ends_the_request(start: Start) 
     ends = [e for e in events if isinstance(e, EndRequest)]
     assert len(ends) == 1
     assert ends[0].protocol_status == ProtocolStatus.REQUEST_COMPLETE
+    assert "body was complete: the web server aborted the request" in "\n".join(run.logs)
+    assert run.client().request(_get("/hello")).status == 200
+
+
+@pytest.mark.parametrize("how", ["abort", "eof", "stall"])
+def test_a_body_cut_short_raises_in_the_apps_read_instead_of_ending_early(
+    start: Start, how: str
+) -> None:
+    """An upload nginx stops passing on (its client went away: ABORT_REQUEST; the connection
+    closed; nothing more for io_timeout) must not read as a complete, shorter body: with no
+    CONTENT_LENGTH (chunked) and wsgi.input_terminated the app could not tell, and would store a
+    cut upload as whole."""
+    seen: list[tuple[int, BaseException | None]] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        stream, got = environ["wsgi.input"], 0
+        try:
+            while chunk := stream.read(100):
+                got += len(chunk)
+        except Exception as exc:
+            seen.append((got, exc))
+            raise
+        seen.append((got, None))
+        start_response("200 OK", [("Content-Length", "0")])
+        return []
+
+    run = start(app, threads=1, io_timeout=0.3)
+    assert isinstance(run.address, str)
+    params = encode_pairs({b"PATH_INFO": b"/upload", b"REQUEST_METHOD": b"POST"})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(run.address)
+        sock.sendall(
+            encode_begin_request(1)
+            + encode_record(RecordType.PARAMS, 1, params)
+            + encode_record(RecordType.PARAMS, 1, b"")
+            + encode_record(RecordType.STDIN, 1, b"x" * 1000)
+        )
+        time.sleep(0.1)  # the app is reading, waiting for more
+        if how == "abort":
+            sock.sendall(encode_abort_request(1))
+        elif how == "eof":
+            sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):
+            pass
+    wait_for(lambda: bool(seen), what="the app's read to end")
+    assert seen[0][0] == 1000
+    assert isinstance(seen[0][1], RequestBodyIncomplete), seen
+    wait_for(lambda: any("before its body was complete" in line for line in run.logs))
+    assert not any("Traceback" in line for line in run.logs)  # a client going away is no bug
     assert run.client().request(_get("/hello")).status == 200
 
 
