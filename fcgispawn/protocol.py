@@ -39,6 +39,7 @@ from enum import IntEnum
 from typing import Final, TypeVar
 
 __all__ = [
+    "CLOSING_MARK",
     "FCGI_HEADER_LEN",
     "FCGI_KEEP_CONN",
     "FCGI_MAX_CONTENT",
@@ -605,6 +606,15 @@ def _end_tail(pad: int, request_id: int, app_status: int, status: int, stderr_us
 #: The tail of a complete request with id 1 and app status 0 (every request from nginx, lighttpd
 #: and Apache that went well), for each padding the last STDOUT record needs.
 _TAIL_1_OK: Final = tuple(_end_tail(pad, 1, 0, 0, False) for pad in range(8))
+
+#: What the application sends after the last END_REQUEST on a kept-open connection it is about
+#: to close (a graceful stop, a reload, a recycle): an empty FCGI_GET_VALUES_RESULT, a valid
+#: management record. nginx keeps an upstream connection for reuse only when END_REQUEST ends
+#: what it read; bytes after it make nginx close the connection instead (its fastcgi input
+#: filters). Without them nginx may write its next request into the connection at the moment
+#: we close it: a reset, and a 502 for a POST, which nginx does not retry (measured: 30-80 a
+#: reload under load). Other readers see an empty answer, then the end of the connection.
+CLOSING_MARK: Final = _HEADER.pack(FCGI_VERSION_1, _GET_VALUES_RESULT, 0, 0, 0)
 _COMPLETE: Final = ProtocolStatus.REQUEST_COMPLETE
 
 

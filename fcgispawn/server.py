@@ -95,6 +95,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from fcgispawn.protocol import (
+    CLOSING_MARK,
     STDOUT_CHUNK,
     AbortRequest,
     BeginRequest,
@@ -487,12 +488,13 @@ class _Whole(_Output):
     ``protocol.whole_responder_request``): it needs no protocol state and no _Conn, only its
     socket, so the server answers it with the fewest steps a correct response allows."""
 
-    __slots__ = ("blocking", "close", "fd", "stderr_used")
+    __slots__ = ("blocking", "close", "closing", "fd", "stderr_used")
 
     def __init__(self, server: Server, fd: int, rid: int, close: bool) -> None:
         self.server = server
         self.fd = fd
         self.close = close  # False: a kept connection, its owner parks it again
+        self.closing = False  # True: it was told it is the last response (CLOSING_MARK)
         self.rid = rid
         self.defer = False
         self.pending = []
@@ -527,6 +529,11 @@ class _Whole(_Output):
         # (try/except, not contextlib.suppress: that costs ~0.5 us, on every request)
         if not self.aborted:
             tail = encode_response(self.rid, self.pending, app_status, stderr_used=self.stderr_used)
+            if not self.close and self.server._stop_requested:
+                # Stopping: the kept connection is closed next (_serve_whole), so tell nginx
+                # not to reuse it (see protocol.CLOSING_MARK).
+                tail.append(CLOSING_MARK)
+                self.closing = True
             try:  # (_write's body: a call less on every request)
                 _write_all(self.fd, tail, self.server.io_timeout, None, self.blocking)
             except OSError:
@@ -978,29 +985,25 @@ class Server:
         assert self._ep is not None
         with contextlib.suppress(OSError):
             self._ep.unregister(self._lfd)
-        # Parked connections: one the web server already sent a request on is served (it may
-        # not be retried elsewhere); idle ones are closed now. Pending ones (accepted, their
-        # request not complete yet) stay parked for PENDING_DRAIN: the web server is writing
-        # that request right now, and closing would fail it (a 502 in the middle of a reload).
+        # Parked connections stay parked for PENDING_DRAIN on a graceful stop, and a request
+        # that comes on one is served: a pending one (accepted, its request not complete yet)
+        # is being written by the web server right now, and closing would fail it (a 502 in
+        # the middle of a reload); a kept-open idle one is in nginx's keepalive cache, and
+        # under load nginx sends its next request on it any moment: closing it now would meet
+        # that request (a reset; a POST is not retried). Served during the stop, its response
+        # ends with protocol.CLOSING_MARK, so nginx drops it rather than reusing it, and
+        # _release closes it. A fast stop closes them all now.
         idle: list[_Conn] = []
         with self._lock:
             self._stopping = True
-            for fd, conn in list(self._watched.items()):
-                if conn.idle and not (conn.pending and graceful):
-                    del self._watched[fd]
-                    self._unpark_locked(conn)
-                    idle.append(conn)
+            if not graceful:
+                for fd, conn in list(self._watched.items()):
+                    if conn.idle:
+                        del self._watched[fd]
+                        self._unpark_locked(conn)
+                        idle.append(conn)
         for conn in idle:
-            try:
-                has_data = bool(conn.sock.recv(1, _PEEK_DONTWAIT))
-            except OSError:
-                has_data = False
-            if has_data and graceful:
-                with self._lock:
-                    self._work += 1
-                self._queue(functools.partial(self._pickup, conn))
-            else:
-                _close(conn)
+            _close(conn)
         # After a request timeout the hung call never ends: the others get what any request
         # may take (request_timeout) at most, so the replacement is not delayed needlessly.
         grace = self.graceful_timeout
@@ -1013,7 +1016,7 @@ class Server:
             while True:
                 with self._lock:
                     work = self._busy()
-                    pending = self._pending_count
+                    pending = self._pending_count + self._idle_count
                 now = time.monotonic()
                 if not self._graceful or (work == 0 and (not pending or now >= pending_until)):
                     break
@@ -1033,13 +1036,29 @@ class Server:
                 ctl.poll(max(1, int(left * 1000) + 1))
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._ctl_fd)
-        with self._lock:  # pending connections whose request never came
+        with self._lock:  # parked connections whose request never came
             leftover = [c for c in self._watched.values() if c.idle]
             for conn in leftover:
                 del self._watched[conn.fd]
                 self._unpark_locked(conn)
+        # A request may have come on one since a pool thread last looked (nginx picks a kept
+        # connection any moment): served, not reset. The rest are closed.
+        late = 0
         for conn in leftover:
-            _close(conn)
+            if self._graceful and _has_input(conn):
+                with self._lock:
+                    self._work += 1
+                self._queue(functools.partial(self._pickup, conn))
+                late += 1
+            else:
+                _close(conn)
+        while late and self._graceful and time.monotonic() < deadline:
+            with self._lock:
+                if not self._busy():
+                    break
+            ctl.poll(max(1, int((deadline - time.monotonic()) * 1000) + 1))
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._ctl_fd)
         os.eventfd_write(self._stop_fd, 1)
         join_until = time.monotonic() + (1.0 if graceful else 0.0)
         for t in self._pool:
@@ -1525,8 +1544,8 @@ class Server:
         if kept is not None:
             kept.served += 1
             kept.progress = True  # a request completed: a new idle deadline when parked
-            if out.aborted:
-                self._kill(kept)
+            if out.aborted or out.closing:
+                self._kill(kept)  # closed by the caller's _leave, never parked again
             return
         if cell is None:
             self._done(1)
@@ -1962,10 +1981,15 @@ class Server:
         except ValueError:
             return
         req.pending = []
+        closing = self._stop_requested and req.keep_conn and not conn.reqs
+        if closing:  # stopping: tell nginx not to reuse it (see protocol.CLOSING_MARK)
+            out.append(CLOSING_MARK)
         try:
             conn.write(out, self.io_timeout)  # type: ignore[arg-type]
         except OSError:
             self._kill(conn)
+        if closing:
+            self._kill(conn)  # closed by its owner's _release, never parked again
 
 
 def _writev(fd: int, sock: socket.socket | None, bufs: Sequence[Buffer]) -> int:
@@ -2115,6 +2139,14 @@ def _nofile_limit() -> tuple[int, int]:
         return resource.getrlimit(resource.RLIMIT_NOFILE)
     except (ImportError, OSError, ValueError):
         return -1, -1
+
+
+def _has_input(conn: _Conn) -> bool:
+    """Whether bytes (or the end) wait on ``conn``'s socket, without reading them."""
+    try:
+        return bool(conn.sock.recv(1, _PEEK_DONTWAIT))
+    except OSError:
+        return False
 
 
 def _close(conn: _Conn) -> None:

@@ -22,6 +22,7 @@ import pytest
 from fcgispawn import server as server_mod
 from fcgispawn.client import ClientError, FastCGIClient, RequestSpec
 from fcgispawn.protocol import (
+    CLOSING_MARK,
     ClientConnection,
     EndRequest,
     ProtocolStatus,
@@ -706,6 +707,56 @@ def test_request_sent_on_a_parked_connection_during_stop_is_served(start: Start)
         got = stdout_until_eof(sock)
         stopper.join(10)
     assert got.endswith(b"late")
+
+
+@pytest.mark.parametrize("path", ["/hello", "/echo"])
+def test_a_kept_connection_used_during_a_stop_is_served_and_marked_not_to_be_reused(
+    start: Start, path: str
+) -> None:
+    """nginx keeps idle connections cached and sends its next request on one any moment: a
+    stop that closed them at once met those requests (a reset: 30-80 failed POSTs a reload
+    under load). They stay open through the drain; a request on one is answered, followed by
+    protocol.CLOSING_MARK (nginx then drops the connection instead of reusing it), then EOF.
+    /hello takes the whole-request path, /echo with a body sent apart the connection path."""
+    run = start(threads=1)
+    with run.client() as client:
+        client.request(_get("/hello"), keep_conn=True)  # now parked, idle
+        sock = client._sock
+        assert sock is not None
+        stopper = threading.Thread(target=run.stop)
+        stopper.start()
+        time.sleep(0.2)  # the stop is under way
+        params = {b"PATH_INFO": path.encode(), b"REQUEST_METHOD": b"POST"}
+        wire = encode_request(1, params, b"late", keep_conn=True)
+        if path == "/echo":  # the body after a pause: not one whole request in one read
+            cut = wire.index(encode_record(RecordType.STDIN, 1, b"late"))
+            sock.sendall(wire[:cut])
+            time.sleep(0.05)
+            wire = wire[cut:]
+        sock.sendall(wire)
+        sock.settimeout(5)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+        stopper.join(10)
+    assert raw.endswith(CLOSING_MARK)
+    events = ClientConnection().receive(raw)
+    assert [type(e).__name__ for e in events[-2:]] == ["EndRequest", "GetValuesResult"]
+    out, _, _ = _streams(events)
+    assert out.endswith(b"Hello, World!" if path == "/hello" else b"late")
+
+
+def test_a_fast_stop_closes_idle_kept_connections_at_once(start: Start) -> None:
+    run = start(threads=1)
+    with run.client() as client:
+        client.request(_get("/hello"), keep_conn=True)
+        sock = client._sock
+        assert sock is not None
+        t0 = time.monotonic()
+        assert run.stop(graceful=False) == 0
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+        assert time.monotonic() - t0 < 0.5
 
 
 @pytest.mark.parametrize(("path", "mib"), [("/file", 1), ("/file", 5), ("/big_list", 3)])

@@ -304,6 +304,37 @@ def test_hup_twice_under_wrk_load_loses_no_request_and_replaces_every_worker(
     assert proc.poll() is None
 
 
+def test_recycling_under_post_load_through_nginx_keepalive_fails_no_request(
+    servers: Servers,
+) -> None:
+    # nginx caches kept connections and sends its next request on one any moment; a worker
+    # that recycled (--max-requests) closed them under those requests: 41-81 POSTs a 5 s run
+    # got a 502 (nginx retries no POST). A stopping worker now serves what comes on them and
+    # marks its last response so nginx drops the connection (protocol.CLOSING_MARK).
+    wrk = require_binary("wrk", "wrk")
+    sock = servers.workdir / "wsgi.sock"
+    proc = servers.fcgispawn(
+        ["-n", "-s", str(sock), "-F", "2", "--max-requests", "1500", "--wsgi", APP],
+        wait_unix=sock,
+    )
+    first = set(wait_workers(proc.pid, 2))
+    nginx = servers.nginx(str(sock), keep_conn=True)
+    assert nginx.request("POST", "/echo", body=b"x").body == b"x"
+    script = servers.workdir / "post.lua"
+    script.write_text('wrk.method = "POST"\nwrk.body = "0123456789"\n')
+    load = servers.start(
+        "wrk",
+        [wrk, "-t1", "-c16", "-d4s", "--timeout", "4s", "-s", str(script), f"{nginx.url}/echo"],
+    )
+    load.wait(30)
+    out, err = servers.output(load)
+    result = parse_wrk(out)
+    assert load.returncode == 0, err
+    assert result.requests > 6000, result.output  # several recycles of each worker
+    assert result.non_2xx == 0, result.output
+    assert not (set(children_of(proc.pid)) & first), "the workers were recycled"
+
+
 def test_term_lets_an_in_flight_request_finish_then_stops_everything(servers: Servers) -> None:
     sock = servers.workdir / "wsgi.sock"
     grace = 5.0
