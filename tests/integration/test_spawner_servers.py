@@ -25,6 +25,7 @@ from tests.integration.servers import (
     HttpResponse,
     HttpServer,
     Servers,
+    WrkResult,
     cgi_fcgi,
     children_of,
     listen_queue,
@@ -258,10 +259,29 @@ def test_killed_worker_is_replaced_within_1s_while_the_other_keeps_answering(
     assert survivor in children_of(proc.pid)
 
 
+def _start_wrk(
+    servers: Servers, url: str, seconds: int, post: bytes | None = None
+) -> subprocess.Popen[bytes]:
+    """wrk -t1 -c16 for ``seconds`` on ``url`` (POSTing ``post`` if given), started."""
+    args = [require_binary("wrk", "wrk"), "-t1", "-c16", f"-d{seconds}s", "--timeout", "4s"]
+    if post is not None:
+        script = servers.workdir / "post.lua"
+        script.write_text(f'wrk.method = "POST"\nwrk.body = "{post.decode()}"\n')
+        args += ["-s", str(script)]
+    return servers.start("wrk", [*args, url])
+
+
+def _wrk_result(servers: Servers, load: subprocess.Popen[bytes]) -> WrkResult:
+    """Wait for ``load`` and read its summary; wrk itself must have exited 0."""
+    load.wait(30)
+    out, err = servers.output(load)
+    assert load.returncode == 0, err
+    return parse_wrk(out)
+
+
 def test_hup_twice_under_wrk_load_loses_no_request_and_replaces_every_worker(
     servers: Servers,
 ) -> None:
-    wrk = require_binary("wrk", "wrk")
     sock = servers.workdir / "wsgi.sock"
     proc = servers.fcgispawn(
         ["-n", "-s", str(sock), "-F", "2", "--graceful-timeout", "15", "--wsgi", APP],
@@ -270,9 +290,7 @@ def test_hup_twice_under_wrk_load_loses_no_request_and_replaces_every_worker(
     first = set(wait_workers(proc.pid, 2))
     nginx = servers.nginx(str(sock))
     assert nginx.get("/hello").status == 200
-    load = servers.start(
-        "wrk", [wrk, "-t1", "-c16", "-d6s", "--timeout", "4s", f"{nginx.url}/hello"]
-    )
+    load = _start_wrk(servers, f"{nginx.url}/hello", 6)
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=1) as pool:
         time.sleep(0.5)
@@ -284,10 +302,7 @@ def test_hup_twice_under_wrk_load_loses_no_request_and_replaces_every_worker(
         os.kill(proc.pid, signal.SIGHUP)
         third = set(wait_workers(proc.pid, 2, exclude=first | second, timeout=5))
         slow_resp = slow.result(timeout=30)
-    load.wait(30)
-    out, err = servers.output(load)
-    result = parse_wrk(out)
-    assert load.returncode == 0, err
+    result = _wrk_result(servers, load)
     assert slow_resp.status == 200, slow_resp.text
     assert slow_resp.text.startswith("slow done pid ")
     assert int(slow_resp.text.split()[-1]) in first, "it ran in a first-generation worker"
@@ -311,7 +326,6 @@ def test_recycling_under_post_load_through_nginx_keepalive_fails_no_request(
     # that recycled (--max-requests) closed them under those requests: 41-81 POSTs a 5 s run
     # got a 502 (nginx retries no POST). A stopping worker now serves what comes on them and
     # marks its last response so nginx drops the connection (protocol.CLOSING_MARK).
-    wrk = require_binary("wrk", "wrk")
     sock = servers.workdir / "wsgi.sock"
     proc = servers.fcgispawn(
         ["-n", "-s", str(sock), "-F", "2", "--max-requests", "1500", "--wsgi", APP],
@@ -320,16 +334,7 @@ def test_recycling_under_post_load_through_nginx_keepalive_fails_no_request(
     first = set(wait_workers(proc.pid, 2))
     nginx = servers.nginx(str(sock), keep_conn=True)
     assert nginx.request("POST", "/echo", body=b"x").body == b"x"
-    script = servers.workdir / "post.lua"
-    script.write_text('wrk.method = "POST"\nwrk.body = "0123456789"\n')
-    load = servers.start(
-        "wrk",
-        [wrk, "-t1", "-c16", "-d4s", "--timeout", "4s", "-s", str(script), f"{nginx.url}/echo"],
-    )
-    load.wait(30)
-    out, err = servers.output(load)
-    result = parse_wrk(out)
-    assert load.returncode == 0, err
+    result = _wrk_result(servers, _start_wrk(servers, f"{nginx.url}/echo", 4, b"0123456789"))
     assert result.requests > 6000, result.output  # several recycles of each worker
     assert result.non_2xx == 0, result.output
     assert not (set(children_of(proc.pid)) & first), "the workers were recycled"
