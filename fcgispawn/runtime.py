@@ -184,6 +184,7 @@ def _serve_app(
     log: Callable[[str], None],
     on_start: Callable[[Server], None] | None = None,
     exit_on_request_timeout: bool = False,
+    release_listener: bool = False,
 ) -> int:
     if web_server_addrs is None:
         web_server_addrs = os.environ.get("FCGI_WEB_SERVER_ADDRS") or None
@@ -200,6 +201,7 @@ def _serve_app(
             request_timeout=request_timeout,
             web_server_addrs=web_server_addrs,
             multiprocess=multiprocess,
+            release_listener=release_listener,
             log=log,
         )
     except ValueError as exc:
@@ -265,6 +267,9 @@ def run(
         multiprocess=multiprocess,
         log=log,
         exit_on_request_timeout=True,
+        # The worker program's socket is shared (supervisor, web server, systemd): giving up
+        # this copy when a stop begins lets a final stop refuse new connections at once.
+        release_listener=True,
     )
 
 

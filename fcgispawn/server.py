@@ -715,6 +715,14 @@ class Server:
     address to check, and the file mode of the socket is what restricts them, so the list is
     ignored there (the spec defines it for TCP).
 
+    ``release_listener``: when a stop begins, give up this process's copy of the listening
+    socket at once (its fd then refers to /dev/null, so a pool thread still about to accept
+    gets an error, never another file that reused the number). The worker program sets it: in
+    a final stop every copy goes and the web server is refused at once, instead of queueing
+    connections nobody accepts until the drain ends and then being reset; in a reload or a
+    recycle the supervisor's and the new workers' copies keep the socket. Off for library use
+    (:func:`runtime.serve`): the caller owns its socket.
+
     Multiplexing: extra request ids run concurrently (on other pool threads) when they arrive
     while the connection is being read -- together with the first request, or while a running
     request reads its input. An id that arrives while the only running request computes
@@ -736,6 +744,7 @@ class Server:
         idle_timeout: float | None = None,
         web_server_addrs: Sequence[str] | str | None = None,
         multiprocess: bool = False,
+        release_listener: bool = False,
         log: Callable[[str], None],
     ) -> None:
         if threads < 1:
@@ -749,6 +758,7 @@ class Server:
             raise ValueError("max_requests and max_requests_jitter must not be negative")
         self.app = app
         self.listener = listener
+        self.release_listener = release_listener
         self.threads = threads
         self.max_requests = (
             max_requests + random.randint(0, max_requests_jitter) if max_requests else 0
@@ -985,6 +995,8 @@ class Server:
         assert self._ep is not None
         with contextlib.suppress(OSError):
             self._ep.unregister(self._lfd)
+        if self.release_listener:
+            _release_fd(self._lfd)
         # Parked connections stay parked for PENDING_DRAIN on a graceful stop, and a request
         # that comes on one is served: a pending one (accepted, its request not complete yet)
         # is being written by the web server right now, and closing would fail it (a 502 in
@@ -1223,6 +1235,8 @@ class Server:
         """
         if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM):
             return  # that one connection is gone (or refused by a firewall): nothing to wait for
+        if not self._accepting:
+            return  # stopping: the listener may already be released (_release_fd)
         now = time.monotonic()
         with self._lock:
             self._accept_failures += 1
@@ -2139,6 +2153,21 @@ def _nofile_limit() -> tuple[int, int]:
         return resource.getrlimit(resource.RLIMIT_NOFILE)
     except (ImportError, OSError, ValueError):
         return -1, -1
+
+
+def _release_fd(fd: int) -> None:
+    """Close what ``fd`` refers to while keeping the number taken (by /dev/null): threads
+    that may still use the number meet an error, never a file opened later."""
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.dup2(null, fd, inheritable=False)
+    except OSError:
+        pass
+    finally:
+        os.close(null)
 
 
 def _has_input(conn: _Conn) -> bool:

@@ -202,6 +202,15 @@ def _supervise(
     *,
     on_ready: Callable[[], None] | None,
 ) -> int:
+
+    def release() -> None:
+        """Close the listener (and remove the socket file we bound); safe twice: when a stop
+        begins (Supervisor's on_stop) and on the way out."""
+        if owned is not None:
+            owned.close(unlink=True)
+        else:
+            sock.close()
+
     pid_written = False
     try:
         # Before any worker starts, as spawn-fcgi does: a pid file that cannot be written
@@ -209,15 +218,12 @@ def _supervise(
         if cfg.pid_file is not None:
             process.write_pid_file(cfg.pid_file, os.getpid())
             pid_written = True
-        return Supervisor(sock, spec, policy, log=log).run(on_ready)
+        return Supervisor(sock, spec, policy, log=log, on_stop=release).run(on_ready)
     finally:
         if pid_written and cfg.pid_file is not None:
             with contextlib.suppress(FcgiSpawnError, OSError):
                 process.remove_pid_file(cfg.pid_file, os.getpid())
-        if owned is not None:
-            owned.close(unlink=True)
-        else:
-            sock.close()
+        release()
 
 
 def _without_root_flags(cfg: SpawnConfig) -> SpawnConfig:

@@ -440,8 +440,12 @@ class _Prctl:
 class Supervisor:
     """Runs ``policy.workers`` copies of ``spec`` on ``listener`` until told to stop.
 
-    ``listener`` stays open in the supervisor for its whole life: that is why a reload or a
-    restart never refuses a connection (connections queue in the backlog meanwhile).
+    ``listener`` stays open in the supervisor until a stop begins: that is why a reload or a
+    restart never refuses a connection (connections queue in the backlog meanwhile). When a
+    stop begins, ``on_stop`` is called once (the spawner closes its copy and removes the socket
+    file it bound): the workers, which give up theirs too as they start draining, will accept
+    nothing more, and a web server must be told at once -- a refused connection, which nginx
+    passes to its next upstream server -- not after ``graceful_timeout`` with a reset.
     """
 
     def __init__(
@@ -451,8 +455,10 @@ class Supervisor:
         policy: Policy,
         *,
         log: Callable[[str], None],
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         self._listener = listener
+        self._on_stop = on_stop
         self._spec = spec
         self._policy = policy
         self._user_log = log
@@ -1401,6 +1407,11 @@ class Supervisor:
         timeout = self._policy.fast_timeout if fast else self._policy.graceful_timeout
         if self._phase is not Phase.STOPPING:
             self._move(Phase.STOPPING)
+            if self._on_stop is not None:
+                try:
+                    self._on_stop()  # nothing is spawned from here on: no use for the socket
+                except Exception as exc:
+                    self._log(f"releasing the listening socket failed: {exc!r}")
             # EXTEND_TIMEOUT_USEC: a graceful timeout longer than the unit's TimeoutStopSec=
             # must not end in systemd SIGKILLing us (and every request) half-way.
             extend = int((timeout + _ABANDON_AFTER_KILL + 1) * 1_000_000)

@@ -365,6 +365,56 @@ def test_term_lets_an_in_flight_request_finish_then_stops_everything(servers: Se
     assert not sock.exists(), "the socket file outlived the supervisor"
 
 
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_a_stop_refuses_new_connections_at_once_while_the_drain_goes_on(
+    servers: Servers, transport: str
+) -> None:
+    # Workers that accept nothing more used to leave the socket listening until the drain
+    # ended: a request sent meanwhile waited (up to --graceful-timeout) and was then reset,
+    # a 502 after seconds. Now it is refused at once (nginx can try its next upstream), and a
+    # new instance can bind the address while the old one drains.
+    grace = 5.0
+    port = 0
+    if transport == "unix":
+        address = str(servers.workdir / "wsgi.sock")
+        flags = ["-s", address]
+    else:
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        flags = ["-p", str(port)]
+    proc = servers.fcgispawn(
+        ["-n", *flags, "-F", "2", "--graceful-timeout", str(grace), "--wsgi", APP],
+        wait_unix=Path(address) if transport == "unix" else None,
+        wait_tcp=("127.0.0.1", port) if transport == "tcp" else None,
+    )
+    workers = wait_workers(proc.pid, 2)
+    nginx = servers.nginx(address)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow = pool.submit(nginx.get, "/slow_pid?s=2", timeout=30)
+        time.sleep(0.5)  # the request is in a worker now
+        os.kill(proc.pid, signal.SIGTERM)
+
+        def refused() -> bool:
+            family = socket.AF_UNIX if transport == "unix" else socket.AF_INET
+            target: str | tuple[str, int] = address if transport == "unix" else ("127.0.0.1", port)
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(target)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    return True
+            return False
+
+        assert wait_until(refused, 1.0), "the stopping pool still takes connections"
+        t0 = time.monotonic()
+        late = nginx.get("/hello", timeout=10)
+        assert late.status == 502 and time.monotonic() - t0 < 1.0  # refused, not left hanging
+        resp = slow.result(timeout=30)
+    assert resp.status == 200, resp.text  # the drain went on
+    assert int(resp.text.split()[-1]) in workers
+    proc.wait(grace + 1)
+    assert proc.returncode == 0, servers.output(proc)[1]
+
+
 def test_crash_loop_gives_up_and_exits_1_with_the_reason(servers: Servers) -> None:
     sock = servers.workdir / "crash.sock"
     proc = servers.fcgispawn(["-n", "-s", str(sock), "--", "sh", "-c", "exit 3"])
