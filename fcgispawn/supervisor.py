@@ -44,7 +44,11 @@ Policy definitions (kept in one place, see :func:`classify_exit`):
 
 * A COMMAND that cannot be executed (reported by the child through a close-on-exec pipe) is
   fatal before the first generation is up (:class:`~fcgispawn.errors.ProcessError`: retrying a
-  missing binary only delays the message); later it counts as a crash.
+  missing binary only delays the message); later it is retried with the slot's backoff, and
+  counts as a crash only while the running generation has not been up (a template that fails
+  to import the app alike): the serving workers are never stopped for it.
+* An aborted reload (or one superseded by another HUP) leaves the generation number of the
+  running workers current: their replacements belong to the proven generation.
 
 Signals:
 
@@ -685,7 +689,10 @@ class Supervisor:
         elif self._phase is Phase.RELOADING and successor:
             self._abort_reload(reason)
         else:
-            self._crashed(slot, f"start failure ({reason})")
+            # Once the running program has been up, a failed start is passing (a package
+            # upgrade replacing the binary): retried with the slot's backoff while the other
+            # workers serve, never a reason to stop them.
+            self._crashed(slot, f"start failure ({reason})", count=not self._proven())
 
     @staticmethod
     def _start_error(failure: _ChildFailure, reason: str) -> ProcessError:
@@ -945,7 +952,9 @@ class Supervisor:
         now = time.monotonic()
         initial = self._policy.backoff_initial
         if crashed:  # never got up: a startup failure, as for a worker (counts, backs off)
-            if self._count_crash(reason):
+            # ... unless its generation's workers were up: then they serve on, and giving up
+            # would stop them (the app no longer imports from disk, say, without a reload).
+            if not self._proven() and self._count_crash(reason):
                 return
             delay = self._template_delay
             self._template_delay = next_backoff(delay, self._policy)
@@ -1257,8 +1266,12 @@ class Supervisor:
             return True
         return False
 
-    def _crashed(self, slot: _Slot, reason: str) -> None:
-        if self._count_crash(reason):
+    def _proven(self) -> bool:
+        """Whether a worker of the running generation has been up (see _exited)."""
+        return self._current_generation() <= self._proven_generation
+
+    def _crashed(self, slot: _Slot, reason: str, *, count: bool = True) -> None:
+        if count and self._count_crash(reason):
             return
         now = time.monotonic()
         slot.restart_at = now + slot.delay
@@ -1293,6 +1306,7 @@ class Supervisor:
                 # A newer deploy may have landed since: replace the pending successors too.
                 self._log("SIGHUP during reload: restarting the reload")
                 self._drop_successors()
+                self._generation -= 1  # the superseded attempt never ran (see _abort_reload)
             case Phase.RUNNING:
                 self._move(Phase.RELOADING)
             case _ as unreachable:
@@ -1345,6 +1359,9 @@ class Supervisor:
         if self._phase is not Phase.RELOADING:
             return
         self._log(f"reload aborted: {reason}; keeping the running workers")
+        # The aborted generation never ran: the running one is current again, and the workers
+        # that replace its losses belong to it (a number above it is not proven to start).
+        self._generation -= 1
         self._drop_successors()
         if self._next_template is not None:
             self._stop_template(self._next_template, self._policy.fast_timeout)

@@ -764,6 +764,49 @@ def test_reload_keeps_old_workers_when_new_ones_die_at_once(
     assert sup.proc.poll() is None
 
 
+def test_after_an_aborted_reload_a_replacement_that_cannot_start_never_stops_the_pool(
+    procs: ProcessGroup, sockdir: Path
+) -> None:
+    # The aborted reload's generation number stayed current: the running workers' losses
+    # were replaced as that unproven generation, their failures counted as startup failures,
+    # and 5 made fcgispawn give up -- stopping the healthy workers and removing the socket.
+    broken = sockdir / "broken"
+    argv = [*WORKER, "--exit-if-exists", str(broken)]
+    policy = {"crash_limit": 2, "backoff_initial": 0.05, "backoff_max": 0.2, "reset_after": 60}
+    sup = start(procs, sockdir, argv=argv, workers=2, readiness="notify", policy=policy)
+    old = sup.wait_workers(2)
+    broken.touch()
+    sup.signal(signal.SIGHUP)
+    sup.wait_log("reload aborted")
+    victim, survivor = sorted(old)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: sup.log.count("exit status 3") >= 5, what=f"retries in:\n{sup.log}")
+    assert sup.proc.poll() is None and "giving up" not in sup.log
+    assert int(ask(sup.sock)) == survivor  # still serving
+    broken.unlink()
+    sup.wait_workers(2, exclude={victim})
+
+
+def test_a_command_that_cannot_be_executed_any_more_is_retried_while_the_pool_serves(
+    procs: ProcessGroup, sockdir: Path
+) -> None:
+    # A package upgrade can leave the binary missing or not executable for a moment: a slot
+    # whose replacement cannot even be exec'd is retried with its backoff; the pool serves on.
+    program = sockdir / "worker.sh"
+    program.write_text(f"#!/bin/sh\nexec {' '.join(WORKER)}\n")
+    program.chmod(0o755)
+    policy = {"crash_limit": 2, "backoff_initial": 0.05, "backoff_max": 0.2, "reset_after": 60}
+    sup = start(procs, sockdir, argv=[str(program)], workers=2, policy=policy)
+    victim, survivor = sorted(sup.wait_workers(2))
+    program.chmod(0o644)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: sup.log.count("failed to start") >= 5, what=f"retries in:\n{sup.log}")
+    assert sup.proc.poll() is None and "giving up" not in sup.log
+    assert int(ask(sup.sock)) == survivor
+    program.chmod(0o755)
+    sup.wait_workers(2, exclude={victim})
+
+
 def test_hup_during_a_reload_restarts_it_and_ttin_joins_it(
     procs: ProcessGroup, sockdir: Path
 ) -> None:

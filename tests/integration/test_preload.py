@@ -190,6 +190,29 @@ def test_a_killed_template_is_replaced_while_its_workers_keep_serving(servers: S
     assert _imports(log) == [template, new_template]
 
 
+def test_a_template_that_can_no_longer_import_the_app_is_retried_while_its_workers_serve(
+    servers: Servers,
+) -> None:
+    # The running workers prove the app starts; a template killed (OOM) after the code on
+    # disk broke without a reload fails to import it. Counted as startup failures, those made
+    # fcgispawn give up and stop the serving workers.
+    supervisor, sock, _log = _start(servers, "--crash-limit", "2", "--backoff-max", "0.2")
+    (template,) = templates_of(supervisor)
+    workers = children_of(supervisor)
+    (servers.workdir / "preload_app.py").write_text("raise RuntimeError('broken on disk')\n")
+    os.kill(template, signal.SIGKILL)
+    assert wait_until(lambda: _stderr(servers).count("broken on disk") >= 4, 15), _stderr(
+        servers
+    )
+    assert "giving up" not in _stderr(servers)
+    assert children_of(supervisor) == workers
+    assert {_answer(sock)[1] for _ in range(5)} <= set(workers)
+    _write_app(servers.workdir, "v2")
+    assert wait_until(lambda: len(templates_of(supervisor)) == 1, 10), _stderr(servers)
+    os.kill(workers[0], signal.SIGKILL)  # the next replacement comes from the new template
+    assert wait_until(lambda: _answer(sock)[0] == "v2", 10)
+
+
 def test_an_app_that_sets_a_socket_default_timeout_does_not_time_the_template_out(
     servers: Servers,
 ) -> None:
