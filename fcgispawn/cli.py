@@ -83,6 +83,8 @@ def fail(error: FcgiSpawnError) -> NoReturn:
 
 def run(cfg: SpawnConfig, log: Log = _stderr_log) -> int:
     """Run a validated configuration; raises FcgiSpawnError for anything the user must fix."""
+    for warning in cfg.warnings:
+        log(f"warning: {warning}")
     if cfg.serves_in_process:
         assert cfg.runtime is not None
         from fcgispawn import runtime

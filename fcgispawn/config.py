@@ -8,10 +8,11 @@ lets them be unit-tested without a terminal and keeps cli.py to parsing and prin
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from fcgispawn.errors import ConfigError
 from fcgispawn.sockets import (
@@ -153,6 +154,8 @@ class SpawnConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     #: --wsgi workers are forked from a preloaded template (supervisor.py, template.py).
     preload: bool = True
+    #: Flags spawn-fcgi accepts and ignores in this combination: said once at start.
+    warnings: tuple[str, ...] = ()
 
     @property
     def inherited(self) -> bool:
@@ -217,32 +220,58 @@ def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def _positive(name: str, value: int | float, minimum: int | float = 1) -> None:
+#: The longest timeout any option takes (~23 days): poll() and epoll count milliseconds in a
+#: C int (24.8 days), and systemd's EXTEND_TIMEOUT_USEC wants a finite number.
+MAX_SECONDS: Final = 2_000_000
+#: The most workers and threads per worker: far beyond what one machine serves, low enough
+#: that a typo (-F 99999999) is an error rather than a fork bomb.
+MAX_WORKERS: Final = 4096
+MAX_THREADS: Final = 1024
+_C_INT_MAX: Final = 2**31 - 1
+
+
+def _positive(
+    name: str, value: int | float, minimum: int | float = 1, maximum: int | float = _C_INT_MAX
+) -> None:
+    """``value`` within [minimum, maximum] (and a number: nan and inf are refused)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, not {value}")
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, not {value}")
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, not {value}")
 
 
 def build(opts: Options) -> SpawnConfig:
     """Apply every rule that involves more than one option; raise ConfigError on the first."""
-    _positive("-F/--workers", opts.workers)
+    _positive("-F/--workers", opts.workers, 1, MAX_WORKERS)
     _positive("-b/--backlog", opts.backlog)
-    _positive("--threads", opts.threads)
+    _positive("--threads", opts.threads, 1, MAX_THREADS)
     if opts.php_children is not None:
-        _positive("-C", opts.php_children)
-    _positive("--max-requests", opts.max_requests, 0)
-    _positive("--max-requests-jitter", opts.max_requests_jitter, 0)
-    _positive("--graceful-timeout", opts.graceful_timeout, 0)
-    _positive("--request-timeout", opts.request_timeout, 0)
+        # 0 too: spawn-fcgi exports it, and php-cgi then serves in the one process.
+        _positive("-C", opts.php_children, 0)
+    _positive("--max-requests", opts.max_requests, 0, 2**62)
+    _positive("--max-requests-jitter", opts.max_requests_jitter, 0, 2**62)
+    for name, value, minimum in (
+        ("--graceful-timeout", opts.graceful_timeout, 0.0),
+        ("--request-timeout", opts.request_timeout, 0.0),
+        ("--crash-window", opts.crash_window, 0.0),
+        ("--backoff-max", opts.backoff_max, 0.1),  # the first restart delay is 0.1 s
+    ):
+        _positive(name, value, minimum, MAX_SECONDS)
     _positive("--crash-limit", opts.crash_limit)
-    _positive("--crash-window", opts.crash_window, 0)
-    _positive("--backoff-max", opts.backoff_max, 0.1)  # the first restart delay is 0.1 s
 
     address = _address(opts)
+    warnings: list[str] = []
+    if opts.address is not None and opts.socket is not None:
+        # spawn-fcgi ignores it the same way: an init script that passes both must still run.
+        warnings.append(f"-a {opts.address} is ignored: it is the TCP address for -p, not -s")
     mode = 0o660
     if opts.socket_mode is not None:
+        mode = parse_mode(opts.socket_mode)  # checked even where unused, as spawn-fcgi does
         if not isinstance(address, UnixAddress):
-            raise ConfigError("-M/--socket-mode applies only to a UNIX socket (-s)")
-        mode = parse_mode(opts.socket_mode)
+            warnings.append("-M is ignored: it is the mode of a UNIX socket file (-s)")
+            mode = 0o660
 
     command: tuple[str, ...] | None
     runtime: RuntimeOptions | None = None
@@ -274,8 +303,11 @@ def build(opts: Options) -> SpawnConfig:
             hint="give -- COMMAND [ARG...] or --wsgi MODULE:CALLABLE",
         )
 
-    _check_directories(opts.chroot, opts.chdir)
-    if command is not None and not _executable(command[0], opts.chroot, opts.chdir):
+    # Without root -c is ignored (the spawner says so, as spawn-fcgi ignores it): the command
+    # and -d are then looked up outside it.
+    chroot = opts.chroot if os.geteuid() == 0 else None
+    _check_directories(chroot, opts.chdir)
+    if command is not None and not _executable(command[0], chroot, opts.chdir):
         raise ConfigError(
             f"cannot execute {command[0]!r}: not found or not executable",
             hint="COMMAND is looked up on PATH; give a full path",
@@ -314,6 +346,7 @@ def build(opts: Options) -> SpawnConfig:
         backoff_max=opts.backoff_max,
         extra_env=extra_env,
         preload=opts.preload,
+        warnings=tuple(warnings),
     )
 
 
@@ -328,7 +361,7 @@ def _address(opts: Options) -> Address | None:
             f"give one socket, not {' and '.join(given)}",
             hint="either a UNIX socket (-s), a TCP port (-p) or an open fd (--fd)",
         )
-    if opts.address is not None and opts.port is None:
+    if opts.address is not None and opts.port is None and opts.socket is None:
         raise ConfigError(f"-a {opts.address} needs -p PORT", hint="-a is the TCP bind address")
     if opts.socket is not None:
         if not opts.socket:
@@ -352,7 +385,7 @@ def _address(opts: Options) -> Address | None:
         assert isinstance(addr, TcpAddress)
         return addr
     if opts.fd is not None:
-        if opts.fd < 0:
+        if not 0 <= opts.fd <= _C_INT_MAX:
             raise ConfigError(f"--fd {opts.fd} is not a file descriptor")
         return FdAddress(opts.fd)
     return None

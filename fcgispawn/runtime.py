@@ -185,6 +185,7 @@ def _serve_app(
     on_start: Callable[[Server], None] | None = None,
     exit_on_request_timeout: bool = False,
     release_listener: bool = False,
+    notify_socket: str | None = None,
 ) -> int:
     if web_server_addrs is None:
         web_server_addrs = os.environ.get("FCGI_WEB_SERVER_ADDRS") or None
@@ -215,7 +216,15 @@ def _serve_app(
         # The listener already queues connections, so "ready" is true from here on. Under
         # fcgispawn's supervisor this is what ends a reload's overlap (Readiness.NOTIFY); under
         # systemd (Type=notify, in-process) it is the service's READY=1. No NOTIFY_SOCKET: no-op.
-        systemd.notify("READY=1", f"MAINPID={os.getpid()}")
+        if notify_socket is None:  # serve(): the embedder's environment, as it is
+            systemd.notify("READY=1", f"MAINPID={os.getpid()}")
+        elif notify_socket:  # run() took it out of the environment: for this one message
+            os.environ["NOTIFY_SOCKET"] = notify_socket
+            try:
+                systemd.notify("READY=1", f"MAINPID={os.getpid()}")
+            finally:
+                # os.environ, not sd_notify's unset flag: that one leaves Python's copy.
+                os.environ.pop("NOTIFY_SOCKET", None)
         rc = server.serve_forever()
     if rc == EXIT_REQUEST_TIMEOUT and exit_on_request_timeout:
         # The hung app thread holds whatever it holds (locks, the GIL between bytecodes):
@@ -248,6 +257,10 @@ def run(
     overruns ``request_timeout`` ends the process with status 124 (EXIT_REQUEST_TIMEOUT).
     """
     sock = listener if listener is not None else find_listener()
+    # Taken out of the environment before the app is imported: it is the supervisor's (or
+    # systemd's) private channel to this process, and an app that runs sd_notify code or a
+    # notify-aware child must not talk on it. READY=1 is sent to it once serving starts.
+    notify_socket = os.environ.pop("NOTIFY_SOCKET", "")
     template_fd = _template_fd()
     raise_nofile_limit(threads, log)
     app = import_app(app_spec)
@@ -270,6 +283,7 @@ def run(
         # The worker program's socket is shared (supervisor, web server, systemd): giving up
         # this copy when a stop begins lets a final stop refuse new connections at once.
         release_listener=True,
+        notify_socket=notify_socket,
     )
 
 

@@ -120,7 +120,8 @@ def spawn(cfg: SpawnConfig, *, log: Log, say: Log, daemon_log: Callable[[], Log]
         if cfg.bind_before_chroot:
             ignored.append("-S")
         if ignored:
-            log(f"warning: {' '.join(ignored)} need root and are ignored")
+            verb = "needs root and is" if len(ignored) == 1 else "need root and are"
+            log(f"warning: {' '.join(ignored)} {verb} ignored")
             cfg = _without_root_flags(cfg)
 
     uid, gid = _socket_owner(cfg, creds) if os.geteuid() == 0 else (None, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,16 @@ def opts(**kw: object) -> Options:
         ({"port": 0}, "out of range"),
         ({"socket": "/tmp/a.sock", "socket_mode": "0999"}, "invalid socket mode"),
         ({"socket": "/tmp/a.sock", "socket_mode": "01777"}, "out of range"),
-        ({"port": 9000, "socket_mode": "0600"}, "only to a UNIX socket"),
         ({"workers": 0}, "-F/--workers must be at least 1"),
-        ({"php_children": 0}, "-C must be at least 1"),
+        ({"php_children": -1}, "-C must be at least 0"),
+        ({"workers": 99_999_999}, "-F/--workers must be at most 4096"),
+        ({"threads": 99_999}, "--threads must be at most 1024"),
+        ({"backlog": 3_000_000_000}, "-b/--backlog must be at most 2147483647"),
+        ({"fd": 3_000_000_000}, "--fd 3000000000 is not a file descriptor"),
+        ({"graceful_timeout": float("inf")}, "--graceful-timeout must be a finite number"),
+        ({"graceful_timeout": float("nan")}, "--graceful-timeout must be a finite number"),
+        ({"graceful_timeout": 1e7}, "--graceful-timeout must be at most 2000000"),
+        ({"request_timeout": 1e300}, "--request-timeout must be at most 2000000"),
         ({"backlog": 0}, "-b/--backlog"),
         ({"threads": 0}, "--threads"),
         ({"backoff_max": 0.0}, "--backoff-max must be at least 0.1"),
@@ -52,6 +60,26 @@ def test_bad_combination_is_refused_naming_the_value(kw: dict[str, object], frag
         build(opts(**kw))
     assert fragment in str(info.value)
     assert info.value.exit_code == 2
+
+
+def test_flags_spawn_fcgi_ignores_in_a_combination_are_ignored_with_a_warning() -> None:
+    # An init script passing -M with -p, or -a with -s, runs under spawn-fcgi: so here too.
+    cfg = build(opts(port=9000, socket_mode="0600"))
+    assert cfg.warnings == ("-M is ignored: it is the mode of a UNIX socket file (-s)",)
+    cfg = build(opts(socket="/tmp/a.sock", address="127.0.0.1"))
+    assert cfg.address == UnixAddress("/tmp/a.sock")
+    assert cfg.warnings == ("-a 127.0.0.1 is ignored: it is the TCP address for -p, not -s",)
+    assert build(opts(php_children=0)).extra_env["PHP_FCGI_CHILDREN"] == "0"
+
+
+def test_without_root_c_is_not_used_to_check_the_command_or_d(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # spawn-fcgi ignores -c without root (and the spawner warns): the command and -d are
+    # looked up outside the chroot, not refused inside one that will never be entered.
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    cfg = build(opts(chroot="/nonexistent-xyz", chdir="/tmp", command=("/bin/sleep", "1")))
+    assert cfg.command == ("/bin/sleep", "1")
 
 
 def test_tcp_defaults_to_loopback_not_any_address() -> None:

@@ -8,6 +8,7 @@ tell *which process* answered, which the spawner and concurrency tests need:
 - ``/token?t=T``      -- sleeps ``?sleep=S`` (default 0.05 s, so many requests are in flight at
                          once and cross-talk would show), then answers ``token T pid N``
 - ``/slow_pid?s=S``   -- sleeps S seconds (default 3), then answers ``slow done pid N``
+- ``/notify_socket``  -- the process environment's NOTIFY_SOCKET, or ``-``
 
 Routing is on ``SCRIPT_NAME + PATH_INFO`` like the shared app: each server splits the URL
 differently (nginx as configured by the fixtures and lighttpd with ``fix-root-scriptname``:
@@ -55,6 +56,8 @@ def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     if path == "/token":
         time.sleep(float(_arg(environ, "sleep", "0.05")))
         return _text(start_response, f"token {_arg(environ, 't', '')} pid {os.getpid()}\n")
+    if path == "/notify_socket":  # what the app's own code (and children) would see
+        return _text(start_response, os.environ.get("NOTIFY_SOCKET", "-"))
     if path == "/slow_pid":
         time.sleep(float(_arg(environ, "s", "3")))
         return _text(start_response, f"slow done pid {os.getpid()}\n")

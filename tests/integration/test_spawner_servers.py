@@ -319,6 +319,24 @@ def test_hup_twice_under_wrk_load_loses_no_request_and_replaces_every_worker(
     assert proc.poll() is None
 
 
+@pytest.mark.parametrize("preload", ["--preload", "--no-preload"])
+def test_the_app_never_sees_the_supervisors_notify_socket(servers: Servers, preload: str) -> None:
+    # It is the supervisor's private channel (readiness of each worker): an app using an
+    # sd_notify library, or a notify-aware child it starts, must not talk on it. The workers
+    # still say READY=1 on it: the supervisor reports ready and a reload hands over.
+    sock = servers.workdir / "wsgi.sock"
+    proc = servers.fcgispawn(
+        ["-n", "-s", str(sock), "-F", "2", preload, "--wsgi", APP], wait_unix=sock
+    )
+    first = set(wait_workers(proc.pid, 2))
+    nginx = servers.nginx(str(sock))
+    assert nginx.get("/notify_socket").text == "-"
+    os.kill(proc.pid, signal.SIGHUP)
+    wait_workers(proc.pid, 2, exclude=first, timeout=10)  # READY=1 came: the hand-over ran
+    assert "sent no READY=1" not in servers.output(proc)[1]
+    assert nginx.get("/notify_socket").text == "-"
+
+
 def test_recycling_under_post_load_through_nginx_keepalive_fails_no_request(
     servers: Servers,
 ) -> None:
