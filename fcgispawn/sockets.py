@@ -311,7 +311,14 @@ def _bind_tcp(address: TcpAddress, options: BindOptions) -> Listener:
         infos = socket.getaddrinfo(
             address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV
         )
-    except (OSError, UnicodeError) as exc:
+    except (socket.gaierror, UnicodeError) as exc:
+        # Not an address and no name that resolves: a bad value (exit 2), as spawn-fcgi's
+        # "'foo' is not a valid IP address".
+        raise ConfigError(
+            f"cannot resolve host {address.host!r} of {name}: {_strerror(exc)}",
+            hint="give an IP address, e.g. -a 127.0.0.1 or -a ::1",
+        ) from None
+    except OSError as exc:
         raise SocketError(
             f"cannot resolve host {address.host!r} of {name}: {_strerror(exc)}",
             address=name,

@@ -688,9 +688,10 @@ def test_unavailable_address_is_a_socket_error() -> None:
     assert info.value.errno == errno.EADDRNOTAVAIL
 
 
-def test_unresolvable_host_is_a_socket_error() -> None:
-    with pytest.raises(SocketError, match=r"cannot resolve host 'no-such-host\.invalid'"):
+def test_unresolvable_host_is_a_bad_value_exit_2() -> None:
+    with pytest.raises(ConfigError, match=r"cannot resolve host 'no-such-host\.invalid'") as info:
         bind(TcpAddress("no-such-host.invalid", 9000))
+    assert info.value.exit_code == 2
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")

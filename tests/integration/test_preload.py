@@ -205,7 +205,8 @@ def test_a_template_that_can_no_longer_import_the_app_is_retried_while_its_worke
         servers
     )
     assert "giving up" not in _stderr(servers)
-    assert children_of(supervisor) == workers
+    # (A template being retried may be among the children while it imports.)
+    assert set(workers) <= set(children_of(supervisor))
     assert {_answer(sock)[1] for _ in range(5)} <= set(workers)
     _write_app(servers.workdir, "v2")
     assert wait_until(lambda: len(templates_of(supervisor)) == 1, 10), _stderr(servers)

@@ -331,6 +331,8 @@ def test_the_app_never_sees_the_supervisors_notify_socket(servers: Servers, prel
     first = set(wait_workers(proc.pid, 2))
     nginx = servers.nginx(str(sock))
     assert nginx.get("/notify_socket").text == "-"
+    # A HUP before every worker said READY=1 is ignored ("still starting").
+    assert wait_until(lambda: "ready: " in servers.output(proc)[1], 10), servers.output(proc)
     os.kill(proc.pid, signal.SIGHUP)
     wait_workers(proc.pid, 2, exclude=first, timeout=10)  # READY=1 came: the hand-over ran
     assert "sent no READY=1" not in servers.output(proc)[1]
