@@ -1310,8 +1310,11 @@ class Server:
                         # microseconds of its connect, so only silent peers grow old here).
                         evicted = self._evict_pending_locked()
                         close = evicted is None
-                elif stopping or self._idle_count >= MAX_IDLE_CONNS:
+                elif self._idle_count >= MAX_IDLE_CONNS:
                     close = True
+                # Stopping: parked all the same. Its last response went out before the stop
+                # (a marked one made it dead, closed above): nginx may be sending the next
+                # request on it right now, which the drain serves (_shutdown).
             if not close:
                 conn.idle = True
                 # A connection owing (the rest of) a request gets io_timeout, a kept-open one

@@ -339,25 +339,33 @@ def test_the_app_never_sees_the_supervisors_notify_socket(servers: Servers, prel
     assert nginx.get("/notify_socket").text == "-"
 
 
-def test_recycling_under_post_load_through_nginx_keepalive_fails_no_request(
-    servers: Servers,
+@pytest.mark.parametrize("how", ["--max-requests", "SIGHUP"])
+def test_replacing_workers_under_post_load_through_nginx_keepalive_fails_no_request(
+    servers: Servers, how: str
 ) -> None:
     # nginx caches kept connections and sends its next request on one any moment; a worker
-    # that recycled (--max-requests) closed them under those requests: 41-81 POSTs a 5 s run
-    # got a 502 (nginx retries no POST). A stopping worker now serves what comes on them and
-    # marks its last response so nginx drops the connection (protocol.CLOSING_MARK).
+    # that stopped (a --max-requests recycle, a reload) closed them under those requests:
+    # 41-81 POSTs a 5 s run got a 502 with --max-requests, 30-57 in three reloads (nginx
+    # retries no POST). A stopping worker now keeps them through its drain, serves what comes
+    # on them and marks its last response so nginx drops the connection (CLOSING_MARK).
     sock = servers.workdir / "wsgi.sock"
+    recycle = ["--max-requests", "1500"] if how == "--max-requests" else []
     proc = servers.fcgispawn(
-        ["-n", "-s", str(sock), "-F", "2", "--max-requests", "1500", "--wsgi", APP],
-        wait_unix=sock,
+        ["-n", "-s", str(sock), "-F", "2", *recycle, "--wsgi", APP], wait_unix=sock
     )
     first = set(wait_workers(proc.pid, 2))
     nginx = servers.nginx(str(sock), keep_conn=True)
     assert nginx.request("POST", "/echo", body=b"x").body == b"x"
-    result = _wrk_result(servers, _start_wrk(servers, f"{nginx.url}/echo", 4, b"0123456789"))
-    assert result.requests > 6000, result.output  # several recycles of each worker
+    assert wait_until(lambda: "ready: " in servers.output(proc)[1], 10), servers.output(proc)
+    load = _start_wrk(servers, f"{nginx.url}/echo", 4, b"0123456789")
+    if how == "SIGHUP":
+        for _ in range(3):
+            time.sleep(1.0)
+            os.kill(proc.pid, signal.SIGHUP)
+    result = _wrk_result(servers, load)
+    assert result.requests > 6000, result.output  # several recycles/reloads under load
     assert result.non_2xx == 0, result.output
-    assert not (set(children_of(proc.pid)) & first), "the workers were recycled"
+    assert wait_until(lambda: not (set(children_of(proc.pid)) & first), 5), "not replaced"
 
 
 def test_term_lets_an_in_flight_request_finish_then_stops_everything(servers: Servers) -> None:
