@@ -613,7 +613,8 @@ _TAIL_1_OK: Final = tuple(_end_tail(pad, 1, 0, 0, False) for pad in range(8))
 #: what it read; bytes after it make nginx close the connection instead (its fastcgi input
 #: filters). Without them nginx may write its next request into the connection at the moment
 #: we close it: a reset, and a 502 for a POST, which nginx does not retry (measured: 30-80 a
-#: reload under load). Other readers see an empty answer, then the end of the connection.
+#: reload under load). Sent to nginx only (server._marks_understood): Apache mod_proxy_fcgi
+#: would read it as the first record of its next response on a reused connection.
 CLOSING_MARK: Final = _HEADER.pack(FCGI_VERSION_1, _GET_VALUES_RESULT, 0, 0, 0)
 _COMPLETE: Final = ProtocolStatus.REQUEST_COMPLETE
 

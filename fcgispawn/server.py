@@ -494,7 +494,7 @@ class _Whole(_Output):
         self.server = server
         self.fd = fd
         self.close = close  # False: a kept connection, its owner parks it again
-        self.closing = False  # True: it was told it is the last response (CLOSING_MARK)
+        self.closing = False  # True: the last response on a kept one (CLOSING_MARK)
         self.rid = rid
         self.defer = False
         self.pending = []
@@ -529,11 +529,8 @@ class _Whole(_Output):
         # (try/except, not contextlib.suppress: that costs ~0.5 us, on every request)
         if not self.aborted:
             tail = encode_response(self.rid, self.pending, app_status, stderr_used=self.stderr_used)
-            if not self.close and self.server._stop_requested:
-                # Stopping: the kept connection is closed next (_serve_whole), so tell nginx
-                # not to reuse it (see protocol.CLOSING_MARK).
+            if self.closing:  # the kept connection is closed next (see _serve_whole)
                 tail.append(CLOSING_MARK)
-                self.closing = True
             try:  # (_write's body: a call less on every request)
                 _write_all(self.fd, tail, self.server.io_timeout, None, self.blocking)
             except OSError:
@@ -567,6 +564,7 @@ class _Conn:
         "fresh",
         "idle",
         "lock",
+        "markable",
         "pending",
         "progress",
         "proto",
@@ -585,6 +583,9 @@ class _Conn:
     def __init__(self, fd: int, limits: Limits, family: int) -> None:
         self.fd = fd
         self.family = family
+        #: Whether the web server drops this connection on protocol.CLOSING_MARK (nginx), known
+        #: from its first request's SERVER_SOFTWARE (see _marks_understood); None: not yet.
+        self.markable: bool | None = None
         self._sock: socket.socket | None = None
         self.proto = ServerConnection(limits, latin1_params=True)
         self.reqs: dict[int, _Req] = {}
@@ -997,25 +998,25 @@ class Server:
             self._ep.unregister(self._lfd)
         if self.release_listener:
             _release_fd(self._lfd)
-        # Parked connections stay parked for PENDING_DRAIN on a graceful stop, and a request
-        # that comes on one is served: a pending one (accepted, its request not complete yet)
-        # is being written by the web server right now, and closing would fail it (a 502 in
-        # the middle of a reload); a kept-open idle one is in nginx's keepalive cache, and
-        # under load nginx sends its next request on it any moment: closing it now would meet
-        # that request (a reset; a POST is not retried). Served during the stop, its response
-        # ends with protocol.CLOSING_MARK, so nginx drops it rather than reusing it, and
-        # _release closes it. A fast stop closes them all now.
+        # On a graceful stop these stay parked for PENDING_DRAIN, and a request that comes on
+        # one is served: a pending connection (accepted, its request not complete yet) is
+        # being written by the web server right now, and closing would fail it (a 502 in the
+        # middle of a reload); an idle one nginx keeps is in its keepalive cache, and under
+        # load nginx sends its next request on it any moment: closing it now would meet that
+        # request (a reset; a POST is not retried). Served during the stop, its response ends
+        # with protocol.CLOSING_MARK, so nginx drops it rather than reusing it, and _release
+        # closes it. Other web servers' idle connections are closed now (Apache checks a
+        # pooled one for EOF before it reuses it), unless a request came on one already: that
+        # is served. A fast stop closes them all now.
         idle: list[_Conn] = []
         with self._lock:
             self._stopping = True
-            if not graceful:
-                for fd, conn in list(self._watched.items()):
-                    if conn.idle:
-                        del self._watched[fd]
-                        self._unpark_locked(conn)
-                        idle.append(conn)
-        for conn in idle:
-            _close(conn)
+            for fd, conn in list(self._watched.items()):
+                if conn.idle and not (graceful and (conn.pending or conn.markable)):
+                    del self._watched[fd]
+                    self._unpark_locked(conn)
+                    idle.append(conn)
+        self._close_or_serve(idle)
         # After a request timeout the hung call never ends: the others get what any request
         # may take (request_timeout) at most, so the replacement is not delayed needlessly.
         grace = self.graceful_timeout
@@ -1055,15 +1056,7 @@ class Server:
                 self._unpark_locked(conn)
         # A request may have come on one since a pool thread last looked (nginx picks a kept
         # connection any moment): served, not reset. The rest are closed.
-        late = 0
-        for conn in leftover:
-            if self._graceful and _has_input(conn):
-                with self._lock:
-                    self._work += 1
-                self._queue(functools.partial(self._pickup, conn))
-                late += 1
-            else:
-                _close(conn)
+        late = self._close_or_serve(leftover)
         while late and self._graceful and time.monotonic() < deadline:
             with self._lock:
                 if not self._busy():
@@ -1076,6 +1069,20 @@ class Server:
         for t in self._pool:
             t.join(max(0.0, join_until - time.monotonic()))
         return self._exit_code
+
+    def _close_or_serve(self, conns: list[_Conn]) -> int:
+        """Unparked connections, during a stop: one with a request waiting is served (by a
+        pool thread, counted as work), the others closed. Returns how many are served."""
+        served = 0
+        for conn in conns:
+            if self._graceful and _has_input(conn):
+                with self._lock:
+                    self._work += 1
+                self._queue(functools.partial(self._pickup, conn))
+                served += 1
+            else:
+                _close(conn)
+        return served
 
     def _busy(self) -> int:
         """Connections owned by a thread + queued tasks (caller holds ``_lock``)."""
@@ -1310,11 +1317,12 @@ class Server:
                         # microseconds of its connect, so only silent peers grow old here).
                         evicted = self._evict_pending_locked()
                         close = evicted is None
-                elif self._idle_count >= MAX_IDLE_CONNS:
+                elif (stopping and not conn.markable) or self._idle_count >= MAX_IDLE_CONNS:
                     close = True
-                # Stopping: parked all the same. Its last response went out before the stop
-                # (a marked one made it dead, closed above): nginx may be sending the next
-                # request on it right now, which the drain serves (_shutdown).
+                # Stopping, nginx's: parked all the same. Its last response went out before
+                # the stop (a marked one made it dead, closed above), and nginx may be sending
+                # the next request on it right now, which the drain serves (_shutdown). Other
+                # web servers check a pooled connection for EOF before reusing it: closed now.
             if not close:
                 conn.idle = True
                 # A connection owing (the rest of) a request gets io_timeout, a kept-open one
@@ -1542,6 +1550,7 @@ class Server:
         response goes out the same way, and the caller counts it and parks the connection."""
         out = _Whole(self, fd, params.request_id, kept is None)
         status = 1
+        environ: dict[str, Any] | None = None
         try:
             environ = build_environ_latin1(
                 params.take_latin1(),
@@ -1557,6 +1566,11 @@ class Server:
         except BaseException as exc:
             self._app_escaped(exc)
             out.aborted = True
+        if kept is not None:
+            if kept.markable is None:
+                kept.markable = _marks_understood(environ)
+            if kept.markable and self._stop_requested:
+                out.closing = True  # stopping: nginx is told not to reuse the connection
         out.finish(status)
         if kept is not None:
             kept.served += 1
@@ -1914,6 +1928,7 @@ class Server:
         params = req.params
         assert params is not None
         status = 1
+        environ: dict[str, Any] | None = None
         if not req.aborted:
             try:
                 environ = build_environ_latin1(
@@ -1943,6 +1958,8 @@ class Server:
                 conn.reqs.pop(req.rid, None)
         else:
             conn.reqs.pop(req.rid, None)
+        if conn.markable is None and environ is not None:
+            conn.markable = _marks_understood(environ)
         self._end(conn, req, status)
 
     def _call(self, out: _Output, environ: dict[str, Any], params: Params) -> int:
@@ -1998,7 +2015,7 @@ class Server:
         except ValueError:
             return
         req.pending = []
-        closing = self._stop_requested and req.keep_conn and not conn.reqs
+        closing = bool(conn.markable) and self._stop_requested and req.keep_conn and not conn.reqs
         if closing:  # stopping: tell nginx not to reuse it (see protocol.CLOSING_MARK)
             out.append(CLOSING_MARK)
         try:
@@ -2156,6 +2173,16 @@ def _nofile_limit() -> tuple[int, int]:
         return resource.getrlimit(resource.RLIMIT_NOFILE)
     except (ImportError, OSError, ValueError):
         return -1, -1
+
+
+def _marks_understood(environ: dict[str, Any] | None) -> bool:
+    """Whether the web server that sent this request drops a kept connection on
+    protocol.CLOSING_MARK: nginx does (its SERVER_SOFTWARE, from fastcgi_params). Apache
+    mod_proxy_fcgi (enablereuse) does not: it checks a pooled connection for EOF before reusing
+    it, but data pending reads as alive, and it would take the mark for the first record of its
+    next response ("bogus rid 0", measured: 37 failed requests in three reloads). Others get
+    no mark either: unknown readers, and the drain serves their requests all the same."""
+    return environ is not None and str(environ.get("SERVER_SOFTWARE", "")).startswith("nginx/")
 
 
 def _release_fd(fd: int) -> None:

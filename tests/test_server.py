@@ -716,23 +716,26 @@ def test_request_sent_on_a_parked_connection_during_stop_is_served(start: Start)
 
 
 @pytest.mark.parametrize("path", ["/hello", "/echo"])
-def test_a_kept_connection_used_during_a_stop_is_served_and_marked_not_to_be_reused(
+def test_a_kept_nginx_connection_used_during_a_stop_is_served_and_marked_not_to_be_reused(
     start: Start, path: str
 ) -> None:
     """nginx keeps idle connections cached and sends its next request on one any moment: a
     stop that closed them at once met those requests (a reset: 30-80 failed POSTs a reload
-    under load). They stay open through the drain; a request on one is answered, followed by
-    protocol.CLOSING_MARK (nginx then drops the connection instead of reusing it), then EOF.
-    /hello takes the whole-request path, /echo with a body sent apart the connection path."""
+    under load). They stay open through the drain and a request on one is answered, followed
+    by protocol.CLOSING_MARK (nginx then drops the connection instead of reusing it), then the
+    connection is closed. /hello takes the whole-request path, /echo with a body sent apart
+    the connection path."""
     run = start(threads=1)
+    nginx = {"SERVER_SOFTWARE": "nginx/1.22.1"}
     with run.client() as client:
-        client.request(_get("/hello"), keep_conn=True)  # now parked, idle
+        client.request(_get("/hello", **nginx), keep_conn=True)  # now parked, idle
         sock = client._sock
         assert sock is not None
         stopper = threading.Thread(target=run.stop)
         stopper.start()
         time.sleep(0.2)  # the stop is under way
-        params = {b"PATH_INFO": path.encode(), b"REQUEST_METHOD": b"POST"}
+        params = {k.encode(): v.encode() for k, v in _get(path, **nginx).items()}
+        params[b"REQUEST_METHOD"] = b"POST"
         wire = encode_request(1, params, b"late", keep_conn=True)
         if path == "/echo":  # the body after a pause: not one whole request in one read
             cut = wire.index(encode_record(RecordType.STDIN, 1, b"late"))
@@ -745,11 +748,30 @@ def test_a_kept_connection_used_during_a_stop_is_served_and_marked_not_to_be_reu
         while chunk := sock.recv(65536):
             raw += chunk
         stopper.join(10)
-    assert raw.endswith(CLOSING_MARK)
     events = ClientConnection().receive(raw)
-    assert [type(e).__name__ for e in events[-2:]] == ["EndRequest", "GetValuesResult"]
     out, _, _ = _streams(events)
     assert out.endswith(b"Hello, World!" if path == "/hello" else b"late")
+    assert raw.endswith(CLOSING_MARK)
+    assert [type(e).__name__ for e in events[-2:]] == ["EndRequest", "GetValuesResult"]
+
+
+def test_other_web_servers_idle_kept_connections_are_closed_when_a_stop_begins(
+    start: Start,
+) -> None:
+    """Apache (enablereuse) would read the mark as the first record of its next response, and
+    checks a pooled connection for EOF before reusing it: its idle ones are closed at once."""
+    run = start(threads=1)
+    with run.client() as client:
+        client.request(_get("/hello", SERVER_SOFTWARE="Apache/2.4.71 (Debian)"), keep_conn=True)
+        sock = client._sock
+        assert sock is not None
+        stopper = threading.Thread(target=run.stop)
+        t0 = time.monotonic()
+        stopper.start()
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+        assert time.monotonic() - t0 < server_mod.PENDING_DRAIN
+        stopper.join(10)
 
 
 @pytest.mark.parametrize(("path", "mib"), [("/file", 1), ("/file", 5), ("/big_list", 3)])

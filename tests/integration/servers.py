@@ -1028,16 +1028,18 @@ MaxRequestWorkers 128
         self.wait_tcp("127.0.0.1", port, what=name, proc=proc)
         return HttpServer(name, port, proc, prefix, error_log)
 
-    def apache_proxy(self, backend: str) -> HttpServer:
+    def apache_proxy(self, backend: str, *, reuse: bool = False) -> HttpServer:
         """Apache 2.4 mod_proxy_fcgi: ``ProxyPass / fcgi://127.0.0.1:PORT/`` for TCP, or
-        ``unix:/path|fcgi://localhost/`` for a UNIX socket (connectable by www-data!)."""
+        ``unix:/path|fcgi://localhost/`` for a UNIX socket (connectable by www-data!).
+        ``reuse``: ``enablereuse=on`` (kept connections, FCGI_KEEP_CONN)."""
         if backend.startswith("unix:") or backend.startswith("/"):
             url = f"unix:{backend.removeprefix('unix:')}|fcgi://localhost/"
         else:
             url = f"fcgi://{backend}/"
+        options = " enablereuse=on" if reuse else ""
         return self._apache(
             "apache-proxy",
-            f'ProxyPass "/" "{url}"\nProxyTimeout 60\n',
+            f'ProxyPass "/" "{url}"{options}\nProxyTimeout 60\n',
             modules=("proxy", "proxy_fcgi"),
         )
 

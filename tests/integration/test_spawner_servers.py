@@ -368,6 +368,23 @@ def test_replacing_workers_under_post_load_through_nginx_keepalive_fails_no_requ
     assert wait_until(lambda: not (set(children_of(proc.pid)) & first), 5), "not replaced"
 
 
+def test_apache_enablereuse_never_gets_the_mark_meant_for_nginx(servers: Servers) -> None:
+    # Apache reads what follows END_REQUEST on a reused connection as its next response:
+    # CLOSING_MARK gave "AH01069: Got bogus rid 0" (37 failed requests in three reloads).
+    sock = servers.workdir / "wsgi.sock"
+    proc = servers.fcgispawn(
+        ["-n", "-s", str(sock), "-M", "0666", "-F", "2", "--max-requests", "1500", "--wsgi", APP],
+        wait_unix=sock,
+    )
+    first = set(wait_workers(proc.pid, 2))
+    apache = servers.apache_proxy(str(sock), reuse=True)
+    assert apache.request("POST", "/echo", body=b"x").body == b"x"
+    result = _wrk_result(servers, _start_wrk(servers, f"{apache.url}/echo", 4, b"0123456789"))
+    assert result.requests > 3000, result.output  # workers recycled under load
+    assert wait_until(lambda: not (set(children_of(proc.pid)) & first), 5), "not recycled"
+    assert "AH01069" not in apache.error_log.read_text(errors="replace")
+
+
 def test_term_lets_an_in_flight_request_finish_then_stops_everything(servers: Servers) -> None:
     sock = servers.workdir / "wsgi.sock"
     grace = 5.0
