@@ -268,7 +268,7 @@ def build(opts: Options) -> SpawnConfig:
         warnings.append(f"-a {opts.address} is ignored: it is the TCP address for -p, not -s")
     mode = 0o660
     if opts.socket_mode is not None:
-        mode = parse_mode(opts.socket_mode)  # checked even where unused, as spawn-fcgi does
+        mode = parse_mode(opts.socket_mode)  # a typo is still reported, even where unused
         if not isinstance(address, UnixAddress):
             warnings.append("-M is ignored: it is the mode of a UNIX socket file (-s)")
             mode = 0o660

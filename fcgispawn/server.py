@@ -2181,7 +2181,8 @@ def _marks_understood(environ: dict[str, Any] | None) -> bool:
     mod_proxy_fcgi (enablereuse) does not: it checks a pooled connection for EOF before reusing
     it, but data pending reads as alive, and it would take the mark for the first record of its
     next response ("bogus rid 0", measured: 37 failed requests in three reloads). Others get
-    no mark either: unknown readers, and the drain serves their requests all the same."""
+    none either (unknown readers): their idle kept connections are closed when a stop begins
+    (Apache then sees EOF and reconnects), and one that is still busy after its response."""
     return environ is not None and str(environ.get("SERVER_SOFTWARE", "")).startswith("nginx/")
 
 
@@ -2201,7 +2202,7 @@ def _release_fd(fd: int) -> None:
 
 
 def _has_input(conn: _Conn) -> bool:
-    """Whether bytes (or the end) wait on ``conn``'s socket, without reading them."""
+    """Whether bytes wait on ``conn``'s socket (not at EOF), without reading them."""
     try:
         return bool(conn.sock.recv(1, _PEEK_DONTWAIT))
     except OSError:
