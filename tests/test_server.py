@@ -102,6 +102,15 @@ def start(sockdir: Path) -> Iterator[Start]:
         run.server.listener.close()
 
 
+def _until_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Every byte the server sends until it closes the connection."""
+    sock.settimeout(timeout)
+    raw = b""
+    while chunk := sock.recv(65536):
+        raw += chunk
+    return raw
+
+
 def _get(path: str, query: str = "", **extra: str) -> dict[str, str]:
     params = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query}
     params.update(extra)
@@ -743,10 +752,7 @@ def test_a_kept_nginx_connection_used_during_a_stop_is_served_and_marked_not_to_
             time.sleep(0.05)
             wire = wire[cut:]
         sock.sendall(wire)
-        sock.settimeout(5)
-        raw = b""
-        while chunk := sock.recv(65536):
-            raw += chunk
+        raw = _until_eof(sock)
         stopper.join(10)
     events = ClientConnection().receive(raw)
     out, _, _ = _streams(events)
@@ -772,6 +778,29 @@ def test_other_web_servers_idle_kept_connections_are_closed_when_a_stop_begins(
         assert sock.recv(1) == b""
         assert time.monotonic() - t0 < server_mod.PENDING_DRAIN
         stopper.join(10)
+
+
+def test_other_web_servers_get_their_last_response_then_the_end_never_the_mark(
+    start: Start,
+) -> None:
+    """A request in flight on another web server's kept connection when a stop begins: its
+    response, then our FIN at once (Apache checks a pooled connection for EOF before reusing
+    it), never the mark, which Apache would read as its next response."""
+    run = start(threads=1)
+    apache = {"SERVER_SOFTWARE": "Apache/2.4.71 (Debian)"}
+    with run.client() as client:
+        client.request(_get("/hello", **apache), keep_conn=True)
+        sock = client._sock
+        assert sock is not None
+        params = {k.encode(): v.encode() for k, v in _get("/slow", "s=0.4", **apache).items()}
+        sock.sendall(encode_request(1, params, keep_conn=True))
+        time.sleep(0.2)  # the app runs
+        stopper = threading.Thread(target=run.stop)
+        stopper.start()
+        raw = _until_eof(sock)
+        stopper.join(10)
+    events = ClientConnection().receive(raw)
+    assert type(events[-1]).__name__ == "EndRequest" and CLOSING_MARK not in raw
 
 
 @pytest.mark.parametrize(("path", "mib"), [("/file", 1), ("/file", 5), ("/big_list", 3)])
