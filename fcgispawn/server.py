@@ -178,6 +178,9 @@ FAIR_ACCEPTS: Final = 4
 EVENTS_ONE_THREAD: Final = 16
 #: On a graceful stop, how long connections accepted just before it get to send their request.
 PENDING_DRAIN: Final = 1.0
+#: On a graceful stop of the worker program, how long it goes on serving the connections
+#: queued on its listener before it gives its copy up (see Server._drain_backlog).
+BACKLOG_DRAIN: Final = 5.0
 #: Parked connections owing a request (new and silent, or stalled mid-request) kept at most;
 #: beyond, the oldest is closed. Separate from MAX_IDLE_CONNS so that a flood of silent
 #: connections never evicts the web server's kept-open ones.
@@ -1000,8 +1003,6 @@ class Server:
         assert self._ep is not None
         with contextlib.suppress(OSError):
             self._ep.unregister(self._lfd)
-        if self.release_listener:
-            _release_fd(self._lfd)
         # On a graceful stop these stay parked for PENDING_DRAIN, and a request that comes on
         # one is served: a pending connection (accepted, its request not complete yet) is
         # being written by the web server right now, and closing would fail it (a 502 in the
@@ -1022,6 +1023,10 @@ class Server:
                     self._unpark_locked(conn)
                     idle.append(conn)
         self._close_or_serve(idle)
+        if self.release_listener:  # (after _stopping: a request ending wakes this thread)
+            if graceful:
+                self._drain_backlog(ctl)
+            _release_fd(self._lfd)
         # After a request timeout the hung call never ends: the others get what any request
         # may take (request_timeout) at most, so the replacement is not delayed needlessly.
         grace = self.graceful_timeout
@@ -1074,6 +1079,45 @@ class Server:
         for t in self._pool:
             t.join(max(0.0, join_until - time.monotonic()))
         return self._exit_code
+
+    def _drain_backlog(self, ctl: select.poll) -> None:
+        """Before this process gives up its copy of the listener, the connections already
+        queued on it are served: when the last copy goes they would be reset (a web server's
+        502: 28 of 32 under nginx load). The supervisor removed the socket file first, so on
+        a UNIX socket nothing new arrives; on TCP what comes meanwhile is served too, for at
+        most BACKLOG_DRAIN seconds. Taken ``threads`` at a time, a round when this process
+        is idle again: every stopping worker takes its share, none takes the whole queue."""
+        accept = self.listener._accept  # type: ignore[attr-defined]
+        until = time.monotonic() + min(BACKLOG_DRAIN, self.graceful_timeout)
+        while True:
+            for _ in range(self.threads):
+                try:
+                    fd, addr = accept()
+                except OSError:  # EAGAIN: the queue is empty (or the listener is gone)
+                    return
+                with self._lock:
+                    self._work += 1  # counted now: the drain must not end before it runs
+                self._queue(functools.partial(self._serve_taken, fd, addr))
+            while True:
+                with self._lock:
+                    idle = not self._busy()
+                left = until - time.monotonic()
+                if idle:
+                    break
+                if left <= 0:
+                    return
+                ctl.poll(max(1, int(left * 1000) + 1))
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._ctl_fd)
+
+    def _serve_taken(self, fd: int, addr: Any) -> None:
+        """A pool thread serves a connection _take_backlog accepted, then uncounts it."""
+        try:
+            self._serve_new(fd, addr)
+        finally:
+            with self._lock:
+                self._work -= 1
+            self._wake_main()
 
     def _close_or_serve(self, conns: list[_Conn]) -> int:
         """Unparked connections, during a stop: one with a request waiting is served (by a
