@@ -1024,7 +1024,9 @@ class Server:
                     idle.append(conn)
         self._close_or_serve(idle)
         if self.release_listener:  # (after _stopping: a request ending wakes this thread)
-            if graceful:
+            # Only in a final stop: in a reload or a recycle (this worker's own stop) the
+            # replacements take the queue, and this one must not go on serving old code.
+            if graceful and not timed_out and not self._max_reached() and self._retired():
                 self._drain_backlog(ctl)
             _release_fd(self._lfd)
         # After a request timeout the hung call never ends: the others get what any request
@@ -1080,13 +1082,28 @@ class Server:
             t.join(max(0.0, join_until - time.monotonic()))
         return self._exit_code
 
+    def _retired(self) -> bool:
+        """Whether the socket is being retired (a final stop), as the supervisor says it: it
+        removes the UNIX socket's file before it stops the workers. A TCP socket or an
+        inherited one gives no such sign: False (its queued connections go to whoever holds
+        it next, or are refused when the last copy goes)."""
+        if self.listener.family != socket.AF_UNIX:
+            return False
+        try:
+            path = self.listener.getsockname()
+        except OSError:
+            return False
+        if not isinstance(path, str) or not path.startswith("/"):
+            return False  # abstract or unnamed
+        return not os.path.lexists(path)
+
     def _drain_backlog(self, ctl: select.poll) -> None:
         """Before this process gives up its copy of the listener, the connections already
         queued on it are served: when the last copy goes they would be reset (a web server's
-        502: 28 of 32 under nginx load). The supervisor removed the socket file first, so on
-        a UNIX socket nothing new arrives; on TCP what comes meanwhile is served too, for at
-        most BACKLOG_DRAIN seconds. Taken ``threads`` at a time, a round when this process
-        is idle again: every stopping worker takes its share, none takes the whole queue."""
+        502: 28 of 32 under nginx load). The supervisor removed the socket file first (see
+        _retired), so nothing new arrives; at most BACKLOG_DRAIN seconds. Taken ``threads``
+        at a time, a round when this process is idle again: every stopping worker takes its
+        share, none takes the whole queue."""
         accept = self.listener._accept  # type: ignore[attr-defined]
         until = time.monotonic() + min(BACKLOG_DRAIN, self.graceful_timeout)
         while True:

@@ -766,7 +766,8 @@ def test_a_stop_serves_the_connections_queued_before_it_gives_up_the_listener(
 ) -> None:
     """The worker program gives up its copy of the listener when a stop begins (new
     connections are refused at once); connections already waiting in the accept queue were
-    then reset when the last copy went (28 of 32 under nginx load): they are served."""
+    then reset when the last copy went (28 of 32 under nginx load): in a final stop -- the
+    supervisor removed the socket file -- they are served."""
     run = start(threads=1, release_listener=True)
     assert isinstance(run.address, str)
     busy = threading.Thread(target=lambda: run.client().request(_get("/slow", "s=0.5")))
@@ -778,6 +779,7 @@ def test_a_stop_serves_the_connections_queued_before_it_gives_up_the_listener(
         sock.connect(run.address)
         sock.sendall(encode_request(1, {b"PATH_INFO": b"/hello"}))
         queued.append(sock)
+    os.unlink(run.address)  # what the supervisor does when a stop begins
     stopper = threading.Thread(target=run.stop)
     stopper.start()
     try:
