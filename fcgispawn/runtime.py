@@ -157,11 +157,16 @@ def _signals(server: Server) -> Iterator[None]:
     # EPIPE, not a fatal SIGPIPE. CPython ignores SIGPIPE at startup; an app may have reset it.
     table[signal.SIGPIPE] = signal.SIG_IGN
     previous = {sig: signal.signal(sig, handler) for sig, handler in table.items()}
+    # The C-level handler also writes to the server's wakeup pipe: a signal that lands just
+    # before the coordinating thread sleeps in poll() still wakes it (see signal_wakeup_fd).
+    previous_wakeup = signal.set_wakeup_fd(server.signal_wakeup_fd(), warn_on_full_buffer=False)
     try:
         yield
     finally:
+        signal.set_wakeup_fd(previous_wakeup)
         for sig, old in previous.items():
             signal.signal(sig, old)
+        server.close_signal_wakeup()
 
 
 def _in_main_thread() -> bool:

@@ -830,6 +830,7 @@ class Server:
         self._task_fd = -1
         self._lfd = listener.fileno()
         self._pool: list[threading.Thread] = []
+        self._sig_r = self._sig_w = -1  # see signal_wakeup_fd
 
     # -- public control -----------------------------------------------------------------------
 
@@ -868,6 +869,8 @@ class Server:
         ep.register(self._task_fd, _EP_IN)
         ctl = select.poll()
         ctl.register(self._ctl_fd, select.POLLIN)
+        if self._sig_r >= 0:
+            ctl.register(self._sig_r, select.POLLIN)
         try:
             for i in range(self.threads):
                 t = threading.Thread(target=self._worker, name=f"fcgispawn-{i}", daemon=True)
@@ -894,6 +897,7 @@ class Server:
                 ep.close()
                 for fd in (ctl_fd, self._stop_fd, self._task_fd):
                     os.close(fd)
+            # (The signal pipe stays open until the caller has put its wakeup fd back.)
 
     # -- the coordinating (main) thread ----------------------------------------------------------
 
@@ -904,9 +908,38 @@ class Server:
             timeout = self._reap()
             if self._stop_requested:
                 break
-            ctl.poll(None if timeout is None else max(1, int(timeout * 1000) + 1))
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self._ctl_fd)
+            self._sleep(ctl, timeout)
+
+    def _sleep(self, ctl: select.poll, timeout: float | None) -> None:
+        """The coordinating thread waits (None: until woken) for the control eventfd, or for
+        the signal wakeup pipe, then empties what woke it."""
+        ctl.poll(None if timeout is None else max(1, int(timeout * 1000) + 1))
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._ctl_fd)
+        if self._sig_r >= 0:
+            with contextlib.suppress(OSError):
+                while os.read(self._sig_r, 512):
+                    pass
+
+    def signal_wakeup_fd(self) -> int:
+        """A non-blocking fd for ``signal.set_wakeup_fd`` while :meth:`serve_forever` runs.
+
+        A signal that arrives just before the coordinating thread enters poll() has its C
+        handler run at once but its Python handler (the one that calls :meth:`stop`) only at
+        the next bytecode, after poll() returns: with nothing else to wake it, an idle worker
+        slept through a TERM until the supervisor's KILL (1 in 30-200 stops under load). The
+        byte the C handler writes here wakes it. Made on first call; closed by serve_forever.
+        """
+        if self._sig_w < 0:
+            self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        return self._sig_w
+
+    def close_signal_wakeup(self) -> None:
+        """Close the pipe of :meth:`signal_wakeup_fd` (after the caller put its old fd back)."""
+        for fd in (self._sig_r, self._sig_w):
+            if fd >= 0:
+                os.close(fd)
+        self._sig_r = self._sig_w = -1
 
     def _reap(self) -> float | None:
         """Close expired parked connections and check the oldest app call; return seconds
@@ -1058,9 +1091,7 @@ class Server:
                     break
                 if work == 0:
                     left = min(left, pending_until - now)
-                ctl.poll(max(1, int(left * 1000) + 1))
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self._ctl_fd)
+                self._sleep(ctl, left)
         with self._lock:  # parked connections whose request never came
             leftover = [c for c in self._watched.values() if c.idle]
             for conn in leftover:
@@ -1073,9 +1104,7 @@ class Server:
             with self._lock:
                 if not self._busy():
                     break
-            ctl.poll(max(1, int((deadline - time.monotonic()) * 1000) + 1))
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self._ctl_fd)
+            self._sleep(ctl, deadline - time.monotonic())
         os.eventfd_write(self._stop_fd, 1)
         join_until = time.monotonic() + (1.0 if graceful else 0.0)
         for t in self._pool:
@@ -1123,9 +1152,7 @@ class Server:
                     break
                 if left <= 0:
                     return
-                ctl.poll(max(1, int(left * 1000) + 1))
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self._ctl_fd)
+                self._sleep(ctl, left)
 
     def _serve_taken(self, fd: int, addr: Any) -> None:
         """A pool thread serves a connection _take_backlog accepted, then uncounts it."""

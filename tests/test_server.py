@@ -8,7 +8,9 @@ Signals and process exit are covered in test_runtime.py.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -791,6 +793,39 @@ def test_a_stop_serves_the_connections_queued_before_it_gives_up_the_listener(
             sock.close()
         stopper.join(10)
         busy.join(10)
+
+
+def test_a_byte_on_the_signal_wakeup_fd_wakes_the_coordinator_once(start: Start) -> None:
+    """runtime.py hands signal_wakeup_fd() to signal.set_wakeup_fd: a TERM that landed just
+    before the coordinating thread entered poll() ran its Python handler only after poll()
+    returned, and an idle worker slept through it until the supervisor's KILL (1 stop in
+    30-200 under load). The C handler's byte wakes the thread, which empties the pipe."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = Server(wsgi_apps.app, listener, log=lambda line: None)
+    wakeup = server.signal_wakeup_fd()
+    reaps: list[float] = []
+    reap = server._reap
+
+    def counting_reap() -> float | None:
+        reaps.append(time.monotonic())
+        return reap()
+
+    server._reap = counting_reap  # type: ignore[method-assign]
+    listener.bind(str(Path(tempfile.mkdtemp()) / "w.sock"))
+    listener.listen(8)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(reaps) == 1, what="the coordinator asleep")
+        os.write(wakeup, bytes([signal.SIGTERM]))
+        wait_for(lambda: len(reaps) == 2, what="the coordinator woken")
+        time.sleep(0.2)
+        assert len(reaps) == 2  # the pipe was emptied: no spinning
+    finally:
+        server.stop()
+        thread.join(10)
+        server.close_signal_wakeup()
+        listener.close()
 
 
 def test_other_web_servers_idle_kept_connections_are_closed_when_a_stop_begins(
