@@ -491,14 +491,13 @@ class _Whole(_Output):
     ``protocol.whole_responder_request``): it needs no protocol state and no _Conn, only its
     socket, so the server answers it with the fewest steps a correct response allows."""
 
-    __slots__ = ("blocking", "close", "closing", "fd", "fin", "stderr_used")
+    __slots__ = ("blocking", "close", "closing", "fd", "stderr_used")
 
     def __init__(self, server: Server, fd: int, rid: int, close: bool) -> None:
         self.server = server
         self.fd = fd
         self.close = close  # False: a kept connection, its owner parks it again
         self.closing = False  # True: the last response on a kept one (CLOSING_MARK)
-        self.fin = False  # True: the last on a kept one whose web server wants no mark
         self.rid = rid
         self.defer = False
         self.pending = []
@@ -539,9 +538,6 @@ class _Whole(_Output):
                 _write_all(self.fd, tail, self.server.io_timeout, None, self.blocking)
             except OSError:
                 self.aborted = True  # a kept connection is dropped (_serve_whole)
-            else:
-                if self.fin:
-                    _shut_wr(self.fd)
         if not self.close:
             return
         try:  # noqa: SIM105
@@ -928,7 +924,8 @@ class Server:
         handler run at once but its Python handler (the one that calls :meth:`stop`) only at
         the next bytecode, after poll() returns: with nothing else to wake it, an idle worker
         slept through a TERM until the supervisor's KILL (1 in 30-200 stops under load). The
-        byte the C handler writes here wakes it. Made on first call; closed by serve_forever.
+        byte the C handler writes here wakes it. Made on first call; closed by
+        :meth:`close_signal_wakeup`.
         """
         if self._sig_w < 0:
             self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -1099,12 +1096,8 @@ class Server:
                 self._unpark_locked(conn)
         # A request may have come on one since a pool thread last looked (nginx picks a kept
         # connection any moment): served, not reset. The rest are closed.
-        late = self._close_or_serve(leftover)
-        while late and self._graceful and time.monotonic() < deadline:
-            with self._lock:
-                if not self._busy():
-                    break
-            self._sleep(ctl, deadline - time.monotonic())
+        if self._close_or_serve(leftover) and self._graceful:
+            self._wait_idle(ctl, deadline)
         os.eventfd_write(self._stop_fd, 1)
         join_until = time.monotonic() + (1.0 if graceful else 0.0)
         for t in self._pool:
@@ -1144,18 +1137,22 @@ class Server:
                 with self._lock:
                     self._work += 1  # counted now: the drain must not end before it runs
                 self._queue(functools.partial(self._serve_taken, fd, addr))
-            while True:
-                with self._lock:
-                    idle = not self._busy()
-                left = until - time.monotonic()
-                if idle:
-                    break
-                if left <= 0:
-                    return
-                self._sleep(ctl, left)
+            if not self._wait_idle(ctl, until):
+                return
+
+    def _wait_idle(self, ctl: select.poll, until: float) -> bool:
+        """Sleep until no connection or task is busy (True), or ``until`` passes (False)."""
+        while True:
+            with self._lock:
+                if not self._busy():
+                    return True
+            left = until - time.monotonic()
+            if left <= 0:
+                return False
+            self._sleep(ctl, left)
 
     def _serve_taken(self, fd: int, addr: Any) -> None:
-        """A pool thread serves a connection _take_backlog accepted, then uncounts it."""
+        """A pool thread serves a connection _drain_backlog accepted, then uncounts it."""
         try:
             self._serve_new(fd, addr)
         finally:
@@ -1659,22 +1656,20 @@ class Server:
         except BaseException as exc:
             self._app_escaped(exc)
             out.aborted = True
+        last = False
         if kept is not None:
             if kept.markable is None:
                 kept.markable = _marks_understood(environ)
-            if self._stop_requested:
-                # Stopping: the connection is closed after this response. nginx is told not to
-                # reuse it; others see our FIN right behind END_REQUEST, before they can take
-                # the connection from their pool again (Apache checks it for EOF first).
-                if kept.markable:
-                    out.closing = True
-                else:
-                    out.fin = True
+            # Stopping: the connection is closed after this response (see _last_on).
+            last = self._stop_requested
+            out.closing = last and kept.markable
         out.finish(status)
         if kept is not None:
             kept.served += 1
             kept.progress = True  # a request completed: a new idle deadline when parked
-            if out.aborted or out.closing or out.fin:
+            if last:
+                self._last_on(kept)
+            elif out.aborted:
                 self._kill(kept)  # closed by the caller's _leave, never parked again
             return
         if cell is None:
@@ -2122,9 +2117,17 @@ class Server:
         except OSError:
             self._kill(conn)
         if closing:
-            if not conn.markable:
-                _shut_wr(conn.fd)  # others see the FIN before they can reuse it (_serve_whole)
-            self._kill(conn)  # closed by its owner's _release, never parked again
+            self._last_on(conn)
+
+    def _last_on(self, conn: _Conn) -> None:
+        """A stopping server sent its last response on a kept connection: nginx was told not to
+        reuse it (CLOSING_MARK, in the same write); other web servers see our FIN right behind
+        END_REQUEST, before they can take the connection from their pool again (Apache checks
+        it for EOF first). Then it is dead: its owner's _release closes it, never parks it."""
+        if not conn.markable and not conn.dead:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+        self._kill(conn)
 
 
 def _writev(fd: int, sock: socket.socket | None, bufs: Sequence[Buffer]) -> int:
@@ -2283,7 +2286,7 @@ def _marks_understood(environ: dict[str, Any] | None) -> bool:
     it, but data pending reads as alive, and it would take the mark for the first record of its
     next response ("bogus rid 0", measured: 37 failed requests in three reloads). Others get
     none either (unknown readers): their idle kept connections are closed when a stop begins
-    (Apache then sees EOF and reconnects), and one that is still busy after its response."""
+    (Apache then sees EOF and reconnects), a busy one after its response (see _last_on)."""
     return environ is not None and str(environ.get("SERVER_SOFTWARE", "")).startswith("nginx/")
 
 
@@ -2300,19 +2303,6 @@ def _release_fd(fd: int) -> None:
         pass
     finally:
         os.close(null)
-
-
-def _shut_wr(fd: int) -> None:
-    """shutdown(SHUT_WR) on a connection's bare fd: our FIN goes out now, before the close."""
-    sock = socket.socket(fileno=fd)
-    try:
-        if sock.gettimeout() is not None:  # an app's setdefaulttimeout() (see _socket_for)
-            sock.setblocking(True)
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    finally:
-        sock.detach()
 
 
 def _has_input(conn: _Conn) -> bool:

@@ -1193,7 +1193,7 @@ class Supervisor:
             was_up=(
                 worker.state is WorkerState.UP
                 or lifetime >= self._settle
-                or worker.generation <= self._proven_generation
+                or self._proven(worker.generation)
             ),
             policy=self._policy,
         )
@@ -1266,9 +1266,11 @@ class Supervisor:
             return True
         return False
 
-    def _proven(self) -> bool:
-        """Whether a worker of the running generation has been up (see _exited)."""
-        return self._current_generation() <= self._proven_generation
+    def _proven(self, generation: int | None = None) -> bool:
+        """Whether a worker of ``generation`` (default: the running one) has been up."""
+        if generation is None:
+            generation = self._current_generation()
+        return generation <= self._proven_generation
 
     def _crashed(self, slot: _Slot, reason: str, *, count: bool = True) -> None:
         if count and self._count_crash(reason):
