@@ -35,7 +35,10 @@ from bench import common
 from bench.common import BENCH, REPO, VENV_BIN, VENV_PYTHON, log
 
 HELLO = b"Hello, World!"
-PEERS = ("fcgispawn", "fcgispawn-2t", "uwsgi", "flup-fork", "flup-threaded", "c-app", "floor")
+PEERS = (
+    "fcgispawn", "fcgispawn-2t", "uwsgi", "uwsgi-logging", "flup-fork", "flup-threaded", "c-app",
+    "floor",
+)
 #: Run unless --peers says otherwise; "floor" is a measurement aid (bench/floor.py), not a peer.
 DEFAULT_PEERS = ("fcgispawn", "fcgispawn-2t", "uwsgi", "flup-fork", "flup-threaded", "c-app")
 #: Load modes: the table title of each ({c}: connections).
@@ -96,6 +99,20 @@ BACKENDS: dict[str, Backend] = {
             str(VENV_BIN / "uwsgi"), "--master", "--processes", "2",
             "--fastcgi-socket", str(sock), "--wsgi-file", str(BENCH / "apps.py"),
             "--disable-logging",
+        ],
+        3,
+    ),
+    # Opt-in: uWSGI as shipped, logging a line per request (to the run's log file here). Not
+    # the goals' reference: that is --disable-logging above, which does what fcgispawn does
+    # (no access log). It shows what an operator's default uWSGI costs (s7-start: +1.7 us a
+    # request, so logging does not explain why issue 6's first table had uWSGI at 1.47x the C
+    # app, where here they cost about the same).
+    "uwsgi-logging": Backend(
+        "uwsgi-logging",
+        "uWSGI --master --processes 2 --fastcgi-socket, request logging on (its default)",
+        lambda sock, tools: [
+            str(VENV_BIN / "uwsgi"), "--master", "--processes", "2",
+            "--fastcgi-socket", str(sock), "--wsgi-file", str(BENCH / "apps.py"),
         ],
         3,
     ),
