@@ -1040,15 +1040,17 @@ class Server:
         # load nginx sends its next request on it any moment: closing it now would meet that
         # request (a reset; a POST is not retried). Served during the stop, its response ends
         # with protocol.CLOSING_MARK, so nginx drops it rather than reusing it. Other web
-        # servers' idle ones are closed now, unless a request came on one already (served):
-        # Apache (enablereuse) checks a pooled connection for EOF before it reuses it, and
-        # keeping them through the drain measured worse (31-42 failed requests in three
-        # reloads under load, against 12-20). A fast stop closes them all now.
+        # servers' are kept the same way on TCP, where the last response's FIN leaves in its
+        # segment (_fin_in_step; Apache checks a pooled connection for EOF before reusing it).
+        # On a UNIX socket the FIN can only follow a last response, and Apache under load
+        # reuses the connection in between, so those are closed now unless a request came on
+        # one already (served): kept through the drain they measured no better (31-42 failed
+        # requests in three reloads under load, against 12-20). A fast stop closes all now.
         idle: list[_Conn] = []
         with self._lock:
             self._stopping = True
             for fd, conn in list(self._watched.items()):
-                if conn.idle and not (graceful and (conn.pending or conn.markable)):
+                if conn.idle and not (graceful and (conn.pending or _ends_cleanly(conn))):
                     del self._watched[fd]
                     self._unpark_locked(conn)
                     idle.append(conn)
@@ -1407,12 +1409,12 @@ class Server:
                         # microseconds of its connect, so only silent peers grow old here).
                         evicted = self._evict_pending_locked()
                         close = evicted is None
-                elif (stopping and not conn.markable) or self._idle_count >= MAX_IDLE_CONNS:
+                elif (stopping and not _ends_cleanly(conn)) or self._idle_count >= MAX_IDLE_CONNS:
                     close = True
-                # Stopping, nginx's: parked all the same. Its last response went out before
-                # the stop (one after it made it dead, closed above), and nginx may be sending
-                # the next request on it right now, which the drain serves (_shutdown). Other
-                # web servers' are closed now (see _shutdown).
+                # Stopping, nginx's (and any on TCP): parked all the same. Its last response
+                # went out before the stop (one after it made it dead, closed above), and the
+                # web server may be sending the next request on it right now, which the drain
+                # serves (_shutdown). Other web servers' UNIX ones are closed now (_shutdown).
             if not close:
                 conn.idle = True
                 # A connection owing (the rest of) a request gets io_timeout, a kept-open one
@@ -1661,8 +1663,10 @@ class Server:
             if kept.markable is None:
                 kept.markable = _marks_understood(environ)
             # Stopping: the connection is closed after this response (see _last_on).
-            last = self._stop_requested
-            out.closing = last and kept.markable
+            last = self._last_due()
+            if last:
+                out.closing = bool(kept.markable)
+                _fin_in_step(kept)
         out.finish(status)
         if kept is not None:
             kept.served += 1
@@ -2109,9 +2113,12 @@ class Server:
         except ValueError:
             return
         req.pending = []
-        closing = self._stop_requested and req.keep_conn and not conn.reqs
-        if closing and conn.markable:  # stopping: tell nginx not to reuse it (CLOSING_MARK)
-            out.append(CLOSING_MARK)
+        closing = req.keep_conn and not conn.reqs and self._last_due()
+        if closing:
+            if conn.markable:  # stopping: tell nginx not to reuse it (CLOSING_MARK)
+                out.append(CLOSING_MARK)
+            else:
+                _fin_in_step(conn)
         try:
             conn.write(out, self.io_timeout)  # type: ignore[arg-type]
         except OSError:
@@ -2119,15 +2126,48 @@ class Server:
         if closing:
             self._last_on(conn)
 
+    def _last_due(self) -> bool:
+        """Whether the response a kept connection is about to get is its last (then _last_on):
+        a stop was asked for, or this is the request that reaches --max-requests. The stop
+        that follows that one would close the connection only after the web server may have
+        sent its next request on it. With more threads it is a guess (two may each take theirs
+        for the last), which at worst closes a kept connection early."""
+        if self._stop_requested:
+            return True
+        return bool(self.max_requests) and self._served_total() + 1 >= self.max_requests
+
     def _last_on(self, conn: _Conn) -> None:
-        """A stopping server sent its last response on a kept connection: nginx was told not to
-        reuse it (CLOSING_MARK, in the same write); other web servers see our FIN right behind
-        END_REQUEST, before they can take the connection from their pool again (Apache checks
-        it for EOF first). Then it is dead: its owner's _release closes it, never parks it."""
+        """The last response on a kept connection went out (see _last_due): nginx was told not
+        to reuse it (CLOSING_MARK, in the same write); other web servers get our FIN right
+        behind END_REQUEST (in the same segment on TCP, see _fin_in_step), before they can take
+        the connection from their pool again (Apache checks it for EOF first). Then it is
+        dead: its owner's _release closes it, never parks it."""
         if not conn.markable and not conn.dead:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)
         self._kill(conn)
+
+
+def _ends_cleanly(conn: _Conn) -> bool:
+    """Whether a kept connection can be ended safely after a response (see _last_on): nginx's
+    (CLOSING_MARK) and any on TCP (_fin_in_step). A stopping server keeps those parked through
+    the drain and serves what comes on them; others are closed when the stop begins."""
+    return bool(conn.markable) or conn.family != socket.AF_UNIX
+
+
+def _fin_in_step(conn: _Conn) -> None:
+    """Before the last response on a kept TCP connection of a web server that does not know
+    protocol.CLOSING_MARK: cork the socket, so that the FIN _last_on sends after it leaves in
+    the same segment as END_REQUEST. Apache (mod_proxy_fcgi, enablereuse=on) looks for EOF on
+    a pooled connection before it reuses it, but a FIN sent a few microseconds after
+    END_REQUEST came too late: the wake-up of Apache's thread by END_REQUEST preempts the
+    worker between the two syscalls, Apache sends its next request, and it fails when the
+    connection closes under it (1 in 250 requests with --max-requests 1000 under load; corked:
+    1 in 1,300). A UNIX socket has nothing like it: there the FIN follows as closely as it
+    can, and the README says so."""
+    if conn.family != socket.AF_UNIX and not conn.dead:
+        with contextlib.suppress(OSError):
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
 
 
 def _writev(fd: int, sock: socket.socket | None, bufs: Sequence[Buffer]) -> int:
