@@ -11,6 +11,7 @@ shared/reference/fastcgi.md): the responder supports both, and tests must be abl
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import selectors
 import socket
@@ -38,6 +39,7 @@ __all__ = [
     "ClientError",
     "ClientTimeoutError",
     "FastCGIClient",
+    "Probe",
     "RequestSpec",
     "Response",
     "parse_cgi_head",
@@ -426,6 +428,77 @@ class FastCGIClient:
         else:
             ex.end = event
             waiting.discard(event.request_id)
+
+
+class Probe:
+    """One FCGI_GET_VALUES sent to a listening socket, without ever blocking: does whoever
+    accepts there speak FastCGI? The supervisor runs it in its selector loop (it knows no
+    FastCGI itself, see supervisor.ProbeFactory): it waits for ``fileno()`` to become writable
+    (``wants_write``) or readable, and calls :meth:`step` then, and at ``retry_at`` if set,
+    until step() says True (an answer: GET_VALUES_RESULT, or UNKNOWN_TYPE from an app that
+    knows no management records) or False (refused, closed, not FastCGI). A UNIX listener
+    whose backlog is full refuses a non-blocking connect (EAGAIN) instead of queueing it, so
+    the connect is tried again every RETRY seconds."""
+
+    RETRY = 0.02
+
+    def __init__(self, address: str | bytes | tuple[str, int], family: int) -> None:
+        self._address = address
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setblocking(False)
+        self._conn = ClientConnection()
+        self._connected = False
+        self._sent = False
+        self.retry_at: float | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        try:
+            self._sock.connect(self._address)
+        except BlockingIOError as exc:
+            if exc.errno == errno.EINPROGRESS:  # TCP: completes in the background
+                self._connected = True
+            else:  # a full UNIX backlog: nothing pending, try again
+                self.retry_at = time.monotonic() + self.RETRY
+            return
+        self._connected = True
+        self.retry_at = None
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def wants_write(self) -> bool:
+        return not self._sent
+
+    def step(self) -> bool | None:
+        """Move on after an event (or at ``retry_at``): True answered, False failed, None not
+        yet. Any OSError is a failure (refused, reset, gone)."""
+        try:
+            if not self._connected:
+                self._connect()
+                return None
+            if not self._sent:
+                if self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    return False
+                self._sock.send(encode_get_values([b"FCGI_MPXS_CONNS"]))
+                self._sent = True
+                return None
+            data = self._sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return False
+        if not data:
+            return False
+        try:
+            events = self._conn.receive(data)
+        except ProtocolError:
+            return False
+        return True if any(type(e) in (GetValuesResult, UnknownType) for e in events) else None
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 class _IdleClosed(Exception):

@@ -14,7 +14,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from fcgispawn import process, systemd
+from fcgispawn import client, process, systemd
 from fcgispawn.config import WORKER_ENV, SpawnConfig
 from fcgispawn.errors import CrashLoopError, FcgiSpawnError, SocketError
 from fcgispawn.sockets import BindOptions, FdAddress, Listener, adopt_fd, bind, is_listening_socket
@@ -219,12 +219,41 @@ def _supervise(
         if cfg.pid_file is not None:
             process.write_pid_file(cfg.pid_file, os.getpid())
             pid_written = True
-        return Supervisor(sock, spec, policy, log=log, on_stop=release).run(on_ready)
+        return Supervisor(
+            sock, spec, policy, log=log, on_stop=release, probe=_prober(sock)
+        ).run(on_ready)
     finally:
         if pid_written and cfg.pid_file is not None:
             with contextlib.suppress(FcgiSpawnError, OSError):
                 process.remove_pid_file(cfg.pid_file, os.getpid())
         release()
+
+
+def _prober(sock: socket.socket) -> Callable[[], client.Probe | None]:
+    """The supervisor's pool probe (Supervisor._await_probe): an FCGI_GET_VALUES through the
+    listener's own address (a wildcard TCP address through its loopback); None where nothing
+    can connect to it (an unnamed socket, or once the stop closed it)."""
+
+    def make() -> client.Probe | None:
+        try:
+            address = sock.getsockname()
+        except OSError:
+            return None
+        if sock.family == socket.AF_UNIX:
+            if not address:
+                return None
+        elif sock.family in (socket.AF_INET, socket.AF_INET6):
+            host, port = address[0], address[1]
+            if host in ("0.0.0.0", ""):
+                host = "127.0.0.1"
+            elif host == "::":
+                host = "::1"
+            address = (host, port)
+        else:
+            return None
+        return client.Probe(address, sock.family)
+
+    return make
 
 
 def _without_root_flags(cfg: SpawnConfig) -> SpawnConfig:

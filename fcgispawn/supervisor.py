@@ -38,6 +38,15 @@ Policy definitions (kept in one place, see :func:`classify_exit`):
   ``PHP_FCGI_MAX_REQUESTS``, which under load comes within milliseconds), replaced at once. A
   worker that lived ``reset_after`` seconds or more is replaced at once and its slot's
   backoff is reset.
+* Status 0 before a COMMAND worker (readiness: survival) was up, while its generation is not
+  proven, is ambiguous: php-cgi started into waiting load serves its 500 requests in 0.06 s,
+  ``true`` serves nothing. The pool is asked (an injected :class:`PoolProbe`; the spawner's
+  sends FCGI_GET_VALUES to the listener, so this module still knows no FastCGI): an answer
+  within ``PROBE_TIMEOUT`` proves the generation, and such exits were recycles; no answer and
+  they count as startup failures. An exit 0 that leaves a process running (re-parented to us,
+  the child subreaper) is a COMMAND that daemonizes itself: a startup failure, logged as such.
+  In a reload, a successor's quick exit 0 while the running generation recycles as young
+  proves the new generation instead of aborting the reload.
 * ``crash_limit`` crashes (all slots together: they run the same program) within
   ``crash_window`` seconds is a crash loop: every worker is stopped and :meth:`Supervisor.run`
   raises :class:`~fcgispawn.errors.CrashLoopError` naming the last exit reason.
@@ -88,7 +97,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import FrameType
-from typing import Final, NoReturn, assert_never
+from typing import Final, NoReturn, Protocol, assert_never
 
 from fcgispawn import systemd
 from fcgispawn.errors import CrashLoopError, FcgiSpawnError, ProcessError
@@ -159,6 +168,29 @@ class Readiness(Enum):
 
     SETTLE = "settle"  # alive for Policy.settle seconds: works for any program
     NOTIFY = "notify"  # sent READY=1 to the NOTIFY_SOCKET it was given
+
+
+class PoolProbe(Protocol):
+    """A question put to the pool through its own listener, driven by the selector loop: the
+    spawner's is a FastCGI FCGI_GET_VALUES (client.Probe); the supervisor only knows that an
+    answer means "whoever accepts there serves"."""
+
+    retry_at: float | None
+
+    def fileno(self) -> int: ...
+
+    @property
+    def wants_write(self) -> bool: ...
+
+    def step(self) -> bool | None: ...
+
+    def close(self) -> None: ...
+
+
+#: Makes a PoolProbe, or None when the listener cannot be reached (see _await_probe).
+ProbeFactory = Callable[[], "PoolProbe | None"]
+#: How long the pool may take to answer a probe (it may wait behind a full backlog).
+PROBE_TIMEOUT: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +444,9 @@ class _ChildFailure:
     message: str
 
 
+#: The selector data of the pool probe's socket (see Supervisor._await_probe).
+_PROBE: Final = object()
+
 _Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers
 
 
@@ -460,9 +495,20 @@ class Supervisor:
         *,
         log: Callable[[str], None],
         on_stop: Callable[[], None] | None = None,
+        probe: ProbeFactory | None = None,
     ) -> None:
         self._listener = listener
         self._on_stop = on_stop
+        # Quick exits with status 0 of a generation not yet proven (see _await_probe): the
+        # probe that decides whether they were recycles or startup failures, and their reasons.
+        self._probe_factory = probe
+        self._probe: PoolProbe | None = None
+        self._probe_generation = -1
+        self._probe_deadline = 0.0
+        self._probe_exits: list[str] = []
+        #: When a worker of a proven generation last exited 0 before it would have counted as
+        #: up: the workload recycles workers that fast (see _exited, reload hand-over).
+        self._quick_recycle_at = -float("inf")
         self._spec = spec
         self._policy = policy
         self._user_log = log
@@ -552,7 +598,9 @@ class Supervisor:
         if self._spec.readiness is Readiness.NOTIFY:
             self._notify_sock = self._open_ready_socket()
             sel.register(self._notify_sock, selectors.EVENT_READ)
-        if self._use_template and not self._prctl.set_child_subreaper():
+        # A child subreaper: forked workers (preload mode) are re-parented to us, and so is
+        # whatever a COMMAND leaves running when it exits (see _strays).
+        if not self._prctl.set_child_subreaper() and self._use_template:
             # Forked workers could not be re-parented to us, so we could not reap them.
             self._log("cannot become a child subreaper: starting every worker by exec")
             self._use_template = False
@@ -567,6 +615,8 @@ class Supervisor:
                                 self._dispatch(self._drain(wake_r))
                             elif isinstance(key.data, _Template):
                                 self._template_message(key.data)
+                            elif key.data is _PROBE:
+                                self._probe_step()
                             else:
                                 self._read_ready_messages()
                         self._reap()
@@ -576,6 +626,7 @@ class Supervisor:
                     self._kill_all_now()
                     raise
         finally:
+            self._end_probe()
             sel.close()
             self._sel = None
             for template in self._templates.values():
@@ -729,6 +780,10 @@ class Supervisor:
         self._workers[pid] = worker
         origin = f", forked from template {template}" if template is not None else ""
         self._log(f"worker {pid} started (slot {slot.index}, generation {generation}{origin})")
+        if self._spec.readiness is Readiness.SETTLE and self._proven(generation):
+            # Its program demonstrably serves; survival proves nothing more, and a worker the
+            # load recycles within Policy.settle (php-cgi) would otherwise never count as up.
+            worker.move(WorkerState.UP)
         return worker
 
     def _fork_exec(self, ctl: socket.socket | None) -> int | _ChildFailure:
@@ -1081,11 +1136,20 @@ class Supervisor:
             deadlines.append(self._template_restart_at)
         if self._watchdog_next is not None:
             deadlines.append(self._watchdog_next)
+        if self._probe is not None:
+            deadlines.append(self._probe_deadline)
+            if self._probe.retry_at is not None:
+                deadlines.append(self._probe.retry_at)
         if not deadlines:
             return None  # idle: sleep until a signal arrives
         return max(0.0, min(deadlines) - now)
 
     def _fire_timers(self, now: float) -> None:
+        if self._probe is not None:
+            if now >= self._probe_deadline:
+                self._probe_done(False, f"no answer within {PROBE_TIMEOUT:g}s")
+            elif self._probe.retry_at is not None and now >= self._probe.retry_at:
+                self._probe_step()
         interval = self._watchdog_interval
         if self._watchdog_next is not None and interval is not None and now >= self._watchdog_next:
             self._notify("WATCHDOG=1")
@@ -1205,6 +1269,13 @@ class Supervisor:
         if slot.successor is worker:
             slot.successor = None
             self._log(f"{desc} during reload")
+            recycling = now - self._quick_recycle_at < self._policy.crash_window
+            if recycling and self._ended_normally(worker, status):
+                # The running workers end that young under this load too (php-cgi's
+                # PHP_FCGI_MAX_REQUESTS): the new one served and recycled, it did not fail.
+                self._prove(worker.generation, "its workers recycle as fast as the running ones")
+                self._spawn_into(slot, successor=True)
+                return
             self._abort_reload(f"new worker {worker.pid} {reason} after {lifetime:.2f}s")
             return
         assert slot.worker is worker
@@ -1212,6 +1283,8 @@ class Supervisor:
         match kind:
             case ExitKind.RECYCLED:
                 self._log(f"{desc}; replacing it")
+                if lifetime < self._settle:
+                    self._quick_recycle_at = now
                 self._restart_now(slot)
             case ExitKind.DIED:
                 self._log(f"{desc}; replacing it")
@@ -1221,7 +1294,12 @@ class Supervisor:
                 self._lost(slot, desc)
             case ExitKind.CRASHED:
                 self._log(desc)
-                self._crashed(slot, last)
+                if self._ended_normally(worker, status) and self._await_probe(
+                    worker.generation, last
+                ):
+                    self._crashed(slot, last, count=False)  # counted if the probe fails
+                else:
+                    self._crashed(slot, last)
             case ExitKind.REQUESTED:
                 raise AssertionError("handled above")
             case _ as unreachable:
@@ -1236,6 +1314,126 @@ class Supervisor:
 
     def _restart_now(self, slot: _Slot) -> None:
         slot.restart_at = time.monotonic()
+
+    def _ended_normally(self, worker: _Worker, status: int) -> bool:
+        """Exit status 0 of a program whose readiness is its survival (a COMMAND): its own
+        decision to end, which may come before Policy.settle when the load recycles it --
+        unless it left a process behind: a COMMAND that daemonizes itself (forks, and the
+        parent exits 0) would otherwise be restarted into one more daemon each time."""
+        if not (
+            self._spec.readiness is Readiness.SETTLE
+            and os.WIFEXITED(status)
+            and os.WEXITSTATUS(status) == 0
+        ):
+            return False
+        strays = self._strays()
+        if strays:
+            self._log(
+                f"worker {worker.pid} exited 0 and left {', '.join(map(str, strays))} running: "
+                "the COMMAND daemonizes itself; run it in the foreground (php-fpm: -F)"
+            )
+        return not strays
+
+    def _strays(self) -> list[int]:
+        """Our children that are neither workers nor templates: what a worker that forked and
+        exited left behind (re-parented to us, the child subreaper). Empty when /proc cannot
+        tell."""
+        pids: list[int] = []
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{tid}/children", encoding="ascii") as f:
+                    pids.extend(int(p) for p in f.read().split())
+        except (OSError, ValueError):
+            return []
+        return [p for p in pids if p not in self._workers and p not in self._templates]
+
+    def _prove(self, generation: int, why: str) -> None:
+        """Generation ``generation`` serves: its workers are up, their exits never startup
+        failures."""
+        if generation <= self._proven_generation:
+            return
+        self._proven_generation = generation
+        self._log(f"generation {generation} serves: {why}")
+        for worker in self._workers.values():
+            if worker.generation == generation and worker.state is WorkerState.STARTING:
+                self._mark_up(worker)
+
+    def _await_probe(self, generation: int, reason: str) -> bool:
+        """A worker of a generation not yet proven exited 0 before it counted as up: php-cgi
+        serving its PHP_FCGI_MAX_REQUESTS (500) within 0.06 s when the supervisor starts into
+        waiting load, or a program that is no FastCGI server at all (exits at once, or
+        daemonizes itself). The pool is asked (the probe): an answer proves the generation and
+        the exit was a recycle; no answer and the exits waiting for it count as startup
+        failures. False (counted now as before) when no probe can be made."""
+        if self._probe is not None and self._probe_generation == generation:
+            self._probe_exits.append(reason)
+            return True
+        if self._probe_factory is None or self._sel is None or self._probe is not None:
+            return False
+        try:
+            probe = self._probe_factory()
+        except OSError:
+            probe = None
+        if probe is None:
+            return False
+        self._probe = probe
+        self._probe_generation = generation
+        self._probe_deadline = time.monotonic() + PROBE_TIMEOUT
+        self._probe_exits = [reason]
+        self._sel.register(probe, self._probe_events(probe), _PROBE)
+        self._log(
+            f"a worker of generation {generation} exited 0 before it counted as up: "
+            "asking the pool whether it serves (FCGI_GET_VALUES)"
+        )
+        return True
+
+    @staticmethod
+    def _probe_events(probe: PoolProbe) -> int:
+        return selectors.EVENT_WRITE if probe.wants_write else selectors.EVENT_READ
+
+    def _probe_step(self) -> None:
+        probe = self._probe
+        if probe is None:
+            return
+        answer = probe.step()
+        if answer is None:
+            if self._sel is not None:
+                self._sel.modify(probe, self._probe_events(probe), _PROBE)
+            return
+        self._probe_done(answer, "answered" if answer else "refused or closed the connection")
+
+    def _probe_done(self, answered: bool, how: str) -> None:
+        generation, exits = self._probe_generation, self._probe_exits
+        self._end_probe()
+        if answered:
+            self._prove(
+                generation,
+                f"the pool {how} a FastCGI probe; {len(exits)} quick exit(s) with status 0 "
+                "were recycles",
+            )
+            now = time.monotonic()
+            for slot in self._slots:  # waiting on a startup-failure back-off: not owed
+                if slot.restart_at is not None and slot.restart_at > now:
+                    slot.restart_at = now
+                slot.delay = self._policy.backoff_initial
+            return
+        self._log(
+            f"the pool {how} (a FastCGI probe): {len(exits)} exit(s) with status 0 of "
+            f"generation {generation} count as startup failures"
+        )
+        for reason in exits:
+            if self._count_crash(reason):
+                return
+
+    def _end_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        self._probe_exits = []
+        if probe is None:
+            return
+        if self._sel is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(probe)
+        probe.close()
 
     def _lost(self, slot: _Slot, desc: str) -> None:
         """A worker that was serving died young: replace it now, back off only on a repeat.
@@ -1423,6 +1621,7 @@ class Supervisor:
                 return
             fast = True  # a second stop request escalates
         self._stop_fast = self._stop_fast or fast
+        self._end_probe()
         timeout = self._policy.fast_timeout if fast else self._policy.graceful_timeout
         if self._phase is not Phase.STOPPING:
             self._move(Phase.STOPPING)

@@ -8,6 +8,7 @@ What the app does is chosen by SCRIPT_NAME (see ``MiniApp._answer``).
 from __future__ import annotations
 
 import contextlib
+import selectors
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from fcgispawn.client import (
     ClientError,
     ClientTimeoutError,
     FastCGIClient,
+    Probe,
     RequestSpec,
     Response,
     parse_cgi_head,
@@ -378,3 +380,60 @@ def test_parse_cgi_head(stdout: bytes, expected: tuple[int, list[tuple[str, str]
 def test_parse_cgi_head_rejects_malformed_heads(stdout: bytes) -> None:
     with pytest.raises(ClientError, match="malformed"):
         parse_cgi_head(stdout)
+
+
+def _run_probe(probe: Probe, seconds: float = 5.0) -> bool | None:
+    """Drive a Probe as the supervisor's selector loop does, for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    with selectors.DefaultSelector() as sel:
+        sel.register(probe, selectors.EVENT_WRITE if probe.wants_write else selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            wait = 0.05 if probe.retry_at is None else max(0.0, probe.retry_at - time.monotonic())
+            sel.select(wait)
+            answer = probe.step()
+            if answer is not None:
+                return answer
+            sel.modify(probe, selectors.EVENT_WRITE if probe.wants_write else selectors.EVENT_READ)
+    return None
+
+
+def test_probe_is_answered_by_a_fastcgi_app(app: MiniApp) -> None:
+    """The supervisor's question to a pool (an FCGI_GET_VALUES on its listener, without
+    blocking): an application answers it."""
+    probe = Probe(str(app.path), socket.AF_UNIX)
+    try:
+        assert _run_probe(probe) is True
+    finally:
+        probe.close()
+
+
+def test_probe_gets_no_answer_where_nothing_accepts_or_speaks_fastcgi(sockdir: Path) -> None:
+    """A listener nobody accepts on stays unanswered (the caller's timeout decides), a peer
+    that closes at once is a failure, and a UNIX backlog too full to queue the connect is
+    tried again instead of failing."""
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(sockdir / "silent.sock"))
+    silent.listen(0)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        filler.connect(str(sockdir / "silent.sock"))
+    probes = [Probe(str(sockdir / "silent.sock"), socket.AF_UNIX) for _ in range(3)]
+    try:
+        assert any(p.retry_at is not None for p in probes)  # the backlog (0 + 1) is full
+        assert all(_run_probe(p, 0.3) is None for p in probes)
+    finally:
+        for p in probes:
+            p.close()
+        filler.close()
+        silent.close()
+    closer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    closer.bind(str(sockdir / "closer.sock"))
+    closer.listen(4)
+    probe = Probe(str(sockdir / "closer.sock"), socket.AF_UNIX)
+    try:
+        closer.accept()[0].close()
+        assert _run_probe(probe) is False
+    finally:
+        probe.close()
+        closer.close()

@@ -16,6 +16,8 @@ PKG = Path(__file__).resolve().parent.parent / "fcgispawn"
 #:   out of cli.py so that cli.py stays parsing and printing only.
 #: - __main__ -> config, runtime, errors: a --wsgi worker started by the supervisor is served
 #:   from config.WORKER_ENV without cli.py, so workers and templates never import click.
+#: - spawner -> client: the supervisor's pool probe (an FCGI_GET_VALUES on the listener) is
+#:   made there and injected, so that the supervisor itself still knows no FastCGI.
 #: - template: preload mode's fork protocol. The worker side runs in the runtime (which forks
 #:   workers from a process that imported the app); the supervisor imports only its constants.
 ALLOWED: dict[str, set[str]] = {
@@ -31,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "server": {"protocol", "wsgi"},
     "runtime": {"server", "protocol", "wsgi", "sockets", "systemd", "template", "errors"},
     "client": {"protocol"},
-    "spawner": {"config", "process", "systemd", "sockets", "supervisor", "errors"},
+    "spawner": {"config", "process", "systemd", "sockets", "supervisor", "client", "errors"},
     "cli": {"config", "errors", "runtime", "spawner", "systemd", "__init__"},
     "__init__": {"server", "runtime"},
     "__main__": {"cli", "config", "runtime", "errors"},

@@ -7,12 +7,14 @@ fault is in fcgispawn, not in the test infrastructure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fcgispawn.client import ClientError, FastCGIClient
 from tests.integration.servers import (
     APP,
     HttpResponse,
@@ -200,6 +203,107 @@ def test_php_cgi_with_C_2_behind_nginx_serves_a_php_file(
     # php-cgi itself forks PHP_FCGI_CHILDREN children under the one worker fcgispawn started.
     assert wait_until(lambda: len(children_of(worker)) == 2, 5), children_of(worker)
     assert proc_environ(worker).get("PHP_FCGI_CHILDREN") == "2"
+
+
+class _PhpLoad:
+    """Threads asking ``sock`` for index.php over and over (as a busy web server does),
+    connecting again while the socket is not there yet; counts the answers."""
+
+    def __init__(self, sock: Path, docroot: Path, threads: int = 12) -> None:
+        self.answered = 0
+        self._stop = threading.Event()
+        script = str(docroot / "index.php")
+        self._params = {
+            "REQUEST_METHOD": "GET",
+            "SCRIPT_FILENAME": script,
+            "SCRIPT_NAME": "/index.php",
+            "REDIRECT_STATUS": "200",
+        }
+        self._sock = sock
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if FastCGIClient(self._sock, timeout=5).request(self._params).status == 200:
+                    self.answered += 1
+            except (OSError, ClientError):  # not there yet, or going
+                time.sleep(0.002)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+
+def test_php_cgi_recycling_faster_than_it_settles_starts_into_waiting_load_and_stays(
+    servers: Servers, php_cgi: str, php_docroot: Path
+) -> None:
+    # php-cgi ends itself after PHP_FCGI_MAX_REQUESTS (status 0); started into waiting load,
+    # every worker did so before it counted as up (0.2 s), and five of those made fcgispawn
+    # give up on a pool that served (exit 1, the socket gone for good). The supervisor now
+    # asks the pool (an FCGI_GET_VALUES on its own socket): it answers, so those were recycles.
+    sock = servers.workdir / "php.sock"
+    load = _PhpLoad(sock, php_docroot)
+    try:
+        env = {**servers.env(), "PHP_FCGI_MAX_REQUESTS": "20"}
+        proc = servers.fcgispawn(["-n", "-s", str(sock), "-F", "2", "--", "php-cgi"], env=env)
+        assert wait_until(lambda: load.answered > 200, 20), servers.output(proc)[1]
+        time.sleep(1.0)  # more recycles than --crash-limit
+        assert proc.poll() is None, servers.output(proc)[1]
+    finally:
+        load.stop()
+    log = servers.output(proc)[1]
+    assert "ready: 2/2 workers" in log and "giving up" not in log, log
+
+
+def test_php_cgi_recycling_faster_than_it_settles_reloads_under_load(
+    servers: Servers, php_cgi: str, php_docroot: Path
+) -> None:
+    # A new php-cgi that served its PHP_FCGI_MAX_REQUESTS and exited 0 before the hand-over
+    # aborted every reload under load ("keeping the running workers", the new code never
+    # ran). Its running workers recycle as fast, so the new ones did not fail.
+    sock = servers.workdir / "php.sock"
+    env = {**servers.env(), "PHP_FCGI_MAX_REQUESTS": "20"}
+    proc = servers.fcgispawn(
+        ["-n", "-s", str(sock), "-F", "2", "--", "php-cgi"], env=env, wait_unix=sock
+    )
+    assert wait_until(lambda: "ready: " in servers.output(proc)[1], 10), servers.output(proc)
+    load = _PhpLoad(sock, php_docroot)
+    try:
+        assert wait_until(lambda: load.answered > 200, 20), servers.output(proc)[1]
+        os.kill(proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: "reload done" in servers.output(proc)[1], 10), servers.output(
+            proc
+        )[1]
+    finally:
+        load.stop()
+    assert "reload aborted" not in servers.output(proc)[1]
+
+
+@pytest.mark.parametrize("command", ["true", "daemonizing"])
+def test_a_command_that_exits_0_without_serving_still_makes_fcgispawn_give_up(
+    servers: Servers, command: str
+) -> None:
+    # The other side of the two tests above: a program that ends at once is no FastCGI server
+    # (nothing answers the probe), and one that daemonizes itself (forks, exits 0) would be
+    # restarted into one more daemon each time: both are startup failures, and the log says
+    # which.
+    sock = servers.workdir / "t.sock"
+    argv = ["true"] if command == "true" else ["sh", "-c", "sleep 30 & exit 0"]
+    code, _, err = servers.run_fcgispawn(["-n", "-s", str(sock), "-F", "2", "--", *argv])
+    strays = [int(p) for p in re.findall(r"left ([0-9, ]+) running", err) for p in p.split(", ")]
+    for pid in set(strays):  # our worker's sleep, by pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert code == 1, err
+    assert "giving up: workers keep dying" in err
+    if command == "true":
+        assert "no answer" in err, err
+    else:
+        assert "the COMMAND daemonizes itself" in err and strays, err
 
 
 def test_wsgi_runtime_with_two_workers_behind_nginx_is_served_by_both(servers: Servers) -> None:
