@@ -1647,7 +1647,7 @@ class Server:
             environ = build_environ_latin1(
                 params.take_latin1(),
                 _body_input(body) if body else _NO_BODY,
-                ErrorStream(out.send_stderr),
+                ErrorStream(out.send_stderr, self.log),
                 self.multithread,
                 self.multiprocess,
             )
@@ -2032,7 +2032,7 @@ class Server:
                 environ = build_environ_latin1(
                     params.take_latin1(),
                     input=InputStream(req.read_stdin),
-                    errors=ErrorStream(req.send_stderr),
+                    errors=ErrorStream(req.send_stderr, self.log),
                     multithread=self.multithread,
                     multiprocess=self.multiprocess,
                 )

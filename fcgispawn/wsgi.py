@@ -311,7 +311,10 @@ class InputStream:
 
 
 class ErrorStream:
-    """``wsgi.errors``: text in, UTF-8 bytes out through ``sink`` (the server's FCGI_STDERR).
+    """``wsgi.errors``: text in, UTF-8 bytes out through ``sink`` (the server's FCGI_STDERR),
+    and the same text to ``echo`` (the server's own log) if given: not every web server logs
+    FCGI_STDERR (Caddy 2.6 drops it, even with ``capture_stderr``), and an app's errors must
+    not get lost with it; flup writes both too, gunicorn and uWSGI their own log.
 
     Line-buffered: web servers log each stderr record as one line ("FastCGI sent in stderr"),
     so ``print(..., file=errors)``, which writes the text and the newline separately, would
@@ -322,10 +325,13 @@ class ErrorStream:
     turning a log line into an application error.
     """
 
-    __slots__ = ("_broken", "_pending", "_pending_len", "_sink")
+    __slots__ = ("_broken", "_echo", "_pending", "_pending_len", "_sink")
 
-    def __init__(self, sink: Callable[[bytes], None]) -> None:
+    def __init__(
+        self, sink: Callable[[bytes], None], echo: Callable[[str], None] | None = None
+    ) -> None:
         self._sink = sink
+        self._echo = echo
         self._pending: list[str] = []
         self._pending_len = 0
         self._broken = False
@@ -341,6 +347,11 @@ class ErrorStream:
                 self.flush()
         return len(s)
 
+    @property
+    def echoes(self) -> bool:
+        """Whether what is written also goes to the server's log (see the class docstring)."""
+        return self._echo is not None
+
     def writelines(self, seq: Iterable[str], /) -> None:
         """Write each string of ``seq`` (no newlines added, as with ``io``)."""
         for s in seq:
@@ -353,6 +364,8 @@ class ErrorStream:
         text = "".join(self._pending)
         self._pending.clear()
         self._pending_len = 0
+        if self._echo is not None:
+            self._echo(text[:-1] if text.endswith("\n") else text)
         if self._broken:
             return
         try:
@@ -713,9 +726,11 @@ class _Response:
         too, as wsgiref does. fcgispawn's wsgi.errors is FCGI_STDERR, which every web server
         writes to its error log: where an operator looks for a 500, and the only place the
         message survives where the worker's stderr is /dev/null (lighttpd's bin-path children,
-        a detached spawner's workers, both as spawn-fcgi's)."""
-        self.log(message)
+        a detached spawner's workers, both as spawn-fcgi's). A stream that echoes to the log
+        itself gets it once."""
         errors = self.errors
+        if not (isinstance(errors, ErrorStream) and errors.echoes):
+            self.log(message)
         if errors is not None:
             try:
                 errors.write(message + "\n")

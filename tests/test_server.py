@@ -193,11 +193,32 @@ def test_20mb_streamed_response(start: Start) -> None:
     assert resp.body == wsgi_apps.stream_bytes()
 
 
-def test_stderr_goes_out_as_fcgi_stderr(start: Start) -> None:
-    run = start()
-    resp = run.client().request(_get("/stderr"))
+@pytest.mark.parametrize("path", ["/stderr", "/echo"])
+def test_wsgi_errors_go_out_as_fcgi_stderr_and_to_the_workers_log(start: Start, path: str) -> None:
+    """FCGI_STDERR for the web server's error log, and the worker's own log too: Caddy 2.6
+    drops FCGI_STDERR (even with capture_stderr), and with it every error an app logs there
+    (Flask's tracebacks of the exceptions it handles itself). /stderr takes the whole-request
+    path, /echo with a body sent apart the connection path."""
+    def errors_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read()
+        environ["wsgi.errors"].write("logged to wsgi.errors\n")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    run = start(errors_app)
+    resp = run.client().request(_get(path), stdin=b"x" * 100_000 if path == "/echo" else b"")
     assert resp.body == b"ok"
     assert resp.stderr == b"logged to wsgi.errors\n"
+    assert run.logs.count("logged to wsgi.errors") == 1
+
+
+def test_an_app_exception_is_logged_once(start: Start) -> None:
+    """The traceback of an app's exception goes to wsgi.errors, which the worker's log gets
+    too: once, not a second time from the server itself."""
+    run = start(threads=1)
+    resp = run.client().request(_get("/raises"))
+    assert resp.status == 500 and b"boom" in resp.stderr
+    assert sum("boom" in line for line in run.logs) == 1, run.logs
 
 
 def test_environ_flags_follow_threads_and_multiprocess(start: Start) -> None:

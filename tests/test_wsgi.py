@@ -606,6 +606,29 @@ def test_errors_go_quiet_instead_of_failing_when_the_sink_is_gone() -> None:
     assert calls == [b"one\n"]
 
 
+def test_errors_echo_each_flushed_text_to_the_log_even_when_the_sink_is_gone() -> None:
+    """The server's log gets what the web server gets (one entry per line or flush, without
+    the newline), and keeps getting it after the connection went away."""
+    sent: list[bytes] = []
+    logged: list[str] = []
+
+    def sink(data: bytes) -> None:
+        sent.append(data)
+        if len(sent) == 2:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    errors = ErrorStream(sink, logged.append)
+    assert errors.echoes and not ErrorStream(sink).echoes
+    errors.write("partial ")
+    errors.write("line\n")
+    errors.write("two\n")
+    errors.write("three\n")
+    errors.write("no newline")
+    errors.flush()
+    assert sent == [b"partial line\n", b"two\n"]
+    assert logged == ["partial line", "two", "three", "no newline"]
+
+
 def test_run_app_flushes_wsgi_errors_when_the_request_ends() -> None:
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         environ["wsgi.errors"].write("no newline")
