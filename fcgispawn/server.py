@@ -191,6 +191,8 @@ MAX_PENDING_CONNS: Final = 1024
 #: 64 KiB ones (fewer reads, and fewer records cut by the end of a read). Pages of the buffer
 #: that no read reached are never touched, so a worker that serves small requests pays nothing.
 RECV_SIZE: Final = 256 * 1024
+#: Request body a response write that waits may read and keep for its app (_Req.drainer).
+DRAIN_BUFFER: Final = 4 << 20
 #: Where a read must allocate its result (socket.recv: kernels without RWF_NOWAIT, draining):
 #: below glibc's mmap threshold, so the bytes come from the heap, not from an mmap/munmap pair.
 _RECV_ALLOC: Final = 65536
@@ -396,6 +398,7 @@ class _Req(_Output):
         "conn",
         "data_chunks",
         "data_done",
+        "discarding",
         "keep_conn",
         "params",
         "queued",
@@ -416,6 +419,7 @@ class _Req(_Output):
         self.stdin_done = False
         self.data_chunks: collections.deque[bytes] = _NO_CHUNKS
         self.data_done = role is not _FILTER
+        self.discarding = False  # the unread rest of the body is dropped (see drainer)
         self.aborted = False
         self.defer = False
         self.pending: list[Buffer] = []
@@ -450,7 +454,14 @@ class _Req(_Output):
                 chunk = chunks.popleft()
                 if self.conn.shared:
                     self.conn.consumed(self, len(chunk))
+                else:
+                    self.queued -= len(chunk)
                 return chunk
+            if self.discarding and not data:
+                raise RequestBodyIncomplete(
+                    "the rest of the request body was discarded while the response waited for "
+                    "a web server that sends all of a body before it reads the answer"
+                )
             if self.data_done if data else self.stdin_done:
                 return b""
             if self.aborted:
@@ -474,16 +485,45 @@ class _Req(_Output):
                 for b in bufs:
                     if b:
                         records += conn.frame(self.rid, b, stderr=False)
-                conn.write(records, self.server.io_timeout)
+                conn.write(records, self.server.io_timeout, self.drainer())
                 return
-        conn.write(conn.frame(self.rid, data, stderr=False), self.server.io_timeout)
+        conn.write(
+            conn.frame(self.rid, data, stderr=False), self.server.io_timeout, self.drainer()
+        )
 
     def send_stderr(self, data: bytes) -> None:
         """``wsgi.errors`` sink: FCGI_STDERR records (nginx logs them as an error line)."""
         if self.aborted or self.conn.dead:
             raise BrokenPipeError(errno.EPIPE, "the connection is gone")
         conn = self.conn
-        conn.write(conn.frame(self.rid, data, stderr=True), self.server.io_timeout)
+        conn.write(conn.frame(self.rid, data, stderr=True), self.server.io_timeout, self.drainer())
+
+    def drainer(self) -> Callable[[], bool] | None:
+        """What a response write that waits for room does meanwhile, when the body is not all
+        here: read on, keeping up to DRAIN_BUFFER bytes for the app and dropping the rest.
+        Caddy 2.6 sends a request's whole body before it reads any of the response: an app
+        that answered a big upload with a big page (a 1 MB 413) without reading it waited on
+        the web server, which waited on it, until io_timeout (90 s, then a 502 blamed on the
+        web server). An app that reads after it answered (streaming) finds what was kept, and
+        past a drop RequestBodyIncomplete. None where nothing is owed, or others read the
+        connection."""
+        if self.stdin_done or self.aborted or self.conn.shared:
+            return None
+        return self._drain
+
+    def _drain(self) -> bool:
+        """One read for drainer(); False once there is nothing more to read."""
+        if not self.discarding and self.queued >= DRAIN_BUFFER:
+            self.discarding = True
+            self.server.log(
+                f"the web server sent more than {DRAIN_BUFFER >> 20} MiB of request body the "
+                "app had not read while the response waited for it to read: the rest of the "
+                "body is discarded (a web server that sends all of a body before it reads the "
+                "answer, such as Caddy)"
+            )
+        conn = self.conn
+        self.server._read(conn, wait=False, answer=False)
+        return not (conn.dead or self.stdin_done or self.aborted or conn.runnable)
 
 
 class _Whole(_Output):
@@ -665,25 +705,30 @@ class _Conn:
                 return self.proto.stderr(rid, data) if stderr else self.proto.stdout(rid, data)
         return self.proto.stderr(rid, data) if stderr else self.proto.stdout(rid, data)
 
-    def write(self, bufs: list[Buffer], timeout: float) -> None:
+    def write(
+        self, bufs: list[Buffer], timeout: float, drain: Callable[[], bool] | None = None
+    ) -> None:
         """Send every buffer (whole records) or raise OSError; one writev in the common case.
 
         A full socket buffer (a web server that stopped reading) makes the thread wait for at
         most ``timeout`` seconds of no progress (see _send_rest), then TimeoutError; other
-        threads keep serving meanwhile.
+        threads keep serving meanwhile. ``drain``: called when input arrives meanwhile (see
+        _Req.drainer).
         """
         if self.dead:
             raise BrokenPipeError(errno.EPIPE, "the connection is gone")
         if self.shared:
             with self.wlock:
-                self._write(bufs, timeout)
+                self._write(bufs, timeout, None)
         else:
-            self._write(bufs, timeout)
+            self._write(bufs, timeout, drain)
 
-    def _write(self, bufs: list[Buffer], timeout: float) -> None:
+    def _write(
+        self, bufs: list[Buffer], timeout: float, drain: Callable[[], bool] | None
+    ) -> None:
         try:
             self.blocking = _write_all(
-                self.fd, bufs, timeout, None if _nowait else self.sock, self.blocking
+                self.fd, bufs, timeout, None if _nowait else self.sock, self.blocking, drain
             )
         except OSError:
             self.dead = True
@@ -1723,7 +1768,7 @@ class Server:
         finally:
             self._leave(conn)
 
-    def _read(self, conn: _Conn, *, wait: bool) -> bool:
+    def _read(self, conn: _Conn, *, wait: bool, answer: bool = True) -> bool:
         """Read once (the caller holds the read token or owns the connection) and dispatch.
 
         ``wait``: a running request needs this input, so wait for it (at most io_timeout,
@@ -1762,7 +1807,7 @@ class Server:
                     data = b""
         except OSError:
             data = b""
-        self._feed(conn, data)
+        self._feed(conn, data, answer=answer)
         return True
 
     def _input_timeout(self, conn: _Conn) -> bool:
@@ -1773,9 +1818,11 @@ class Server:
         self._kill(conn)
         return True
 
-    def _feed(self, conn: _Conn, data: Buffer) -> None:
+    def _feed(self, conn: _Conn, data: Buffer, *, answer: bool = True) -> None:
         """Parse what was read (``b""``: EOF), answer what the protocol answers by itself, and
-        dispatch the events; EOF and protocol violations mark the connection dead."""
+        dispatch the events; EOF and protocol violations mark the connection dead. ``answer``
+        False (a read in the middle of a response write, see _Req.drainer): the protocol's
+        own answers wait in it for the next read's."""
         if not data:
             self._kill(conn)
             return
@@ -1787,7 +1834,7 @@ class Server:
                     out = proto.pending_output()
             else:
                 events = proto.receive(data)
-                out = proto.pending_output()
+                out = proto.pending_output() if answer else b""
         except ProtocolError as exc:
             self.log(f"FastCGI protocol error from the web server: {exc}; closing the connection")
             self._kill(conn)
@@ -1813,10 +1860,10 @@ class Server:
                 req = reqs.get(ev.request_id)
                 if req is None:
                     continue
-                if ev.data:
-                    self._enqueue(conn, req, req.queue_for(False), ev.data)
-                else:
+                if not ev.data:
                     req.stdin_done = True
+                elif not req.discarding:
+                    self._enqueue(conn, req, req.queue_for(False), ev.data)
             elif t is BeginRequest:
                 reqs[ev.request_id] = _Req(self, conn, ev.request_id, ev.role, ev.keep_conn)
             elif t is Params:
@@ -1875,6 +1922,7 @@ class Server:
                 req.queued += len(data)
                 queue.append(data)
         else:
+            req.queued += len(data)
             queue.append(data)
 
     def _drive(self, conn: _Conn) -> None:
@@ -2120,7 +2168,7 @@ class Server:
             else:
                 _fin_in_step(conn)
         try:
-            conn.write(out, self.io_timeout)  # type: ignore[arg-type]
+            conn.write(out, self.io_timeout, req.drainer())  # type: ignore[arg-type]
         except OSError:
             self._kill(conn)
         if closing:
@@ -2182,31 +2230,33 @@ def _write_all(
     timeout: float,
     sock: socket.socket | None,
     blocking: bool = False,
+    drain: Callable[[], bool] | None = None,
 ) -> bool:
     """Send every buffer (whole records) or raise OSError; one writev in the common case.
 
     The first try never blocks in the kernel: pwritev2(RWF_NOWAIT) on the bare fd (``sock``
     None, where the kernel supports it) or sendmsg(MSG_DONTWAIT) on ``sock``; a full socket
     buffer is _send_rest's. Returns whether the fd now takes blocking writes (see _send_rest):
-    the caller passes that back as ``blocking`` for its next write on the same fd.
+    the caller passes that back as ``blocking`` for its next write on the same fd. With
+    ``drain`` no write blocks: see _send_draining.
     """
     if len(bufs) <= _IOV_MAX:
         try:
-            if blocking:
+            if blocking and drain is None:
                 sent = os.writev(fd, bufs)
             elif sock is None:  # (_writev inlined: this is every response's write)
                 sent = os.pwritev(fd, bufs, -1, _RWF_NOWAIT)
             else:
                 sent = sock.sendmsg(bufs, (), _DONTWAIT)
         except BlockingIOError:
-            if blocking:  # SO_SNDTIMEO ran out with nothing sent
+            if blocking and drain is None:  # SO_SNDTIMEO ran out with nothing sent
                 raise _send_timeout(timeout) from None
             sent = 0
         if sent == sum(map(len, bufs)):
             return blocking
     else:
         sent = 0
-    return _send_rest(fd, sock, bufs, sent, timeout, blocking)
+    return _send_rest(fd, sock, bufs, sent, timeout, blocking, drain)
 
 
 def _send_rest(
@@ -2216,6 +2266,7 @@ def _send_rest(
     skip: int,
     timeout: float,
     blocking: bool = False,
+    drain: Callable[[], bool] | None = None,
 ) -> bool:
     """Finish a partial (or oversized) write: skip ``skip`` bytes, send the rest in batches.
 
@@ -2236,6 +2287,9 @@ def _send_rest(
             continue
         views.append(mv[skip:] if skip else mv)
         skip = 0
+    if drain is not None:
+        _send_draining(fd, sock, views, timeout, drain)
+        return blocking
     if views and not blocking and sock is None:
         blocking = _blocking_sends(fd, timeout)
     while views:
@@ -2257,6 +2311,41 @@ def _send_rest(
                 views[0] = views[0][sent:]
                 sent = 0
     return blocking
+
+
+def _send_draining(
+    fd: int,
+    sock: socket.socket | None,
+    views: list[memoryview],
+    timeout: float,
+    drain: Callable[[], bool],
+) -> None:
+    """_send_rest's loop for a request whose body is still coming (see _Req.drainer): never
+    a blocking write; while there is no room, wait for room or input, and on input call
+    ``drain`` (until it says False). ``timeout`` without either is TimeoutError."""
+    events = _POLLOUT | _POLLIN
+    while views:
+        try:
+            sent = _writev(fd, sock, views[:_IOV_MAX])
+        except BlockingIOError:
+            sent = 0
+        if not sent:
+            waiter = select.poll()
+            waiter.register(fd, events)
+            ready = waiter.poll(max(0, int(timeout * 1000) + 1))
+            if not ready:
+                raise _send_timeout(timeout)
+            if ready[0][1] & _POLLIN and events & _POLLIN and not drain():
+                events = _POLLOUT
+            continue
+        while sent:
+            n = len(views[0])
+            if sent >= n:
+                sent -= n
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 def _blocking_sends(fd: int, timeout: float) -> bool:

@@ -995,6 +995,54 @@ def test_another_web_servers_kept_tcp_connection_is_served_during_a_stop_then_en
     assert type(events[-1]).__name__ == "EndRequest" and CLOSING_MARK not in raw
 
 
+def _half_duplex(address: str, path: str, body: bytes) -> list[Any]:
+    """A request as Caddy 2.6 sends one: all of the body first (8 KiB records), and only then
+    is the response read."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(address)
+        path, _, query = path.partition("?")
+        params = {b"REQUEST_METHOD": b"POST", b"PATH_INFO": path.encode()}
+        params[b"QUERY_STRING"] = query.encode()
+        params[b"CONTENT_LENGTH"] = str(len(body)).encode()
+        wire = encode_begin_request(1) + encode_record(RecordType.PARAMS, 1, encode_pairs(params))
+        wire += encode_record(RecordType.PARAMS, 1, b"")
+        for i in range(0, len(body), 8192):
+            wire += encode_record(RecordType.STDIN, 1, body[i : i + 8192])
+        sock.sendall(wire + encode_record(RecordType.STDIN, 1, b""))
+        return ClientConnection().receive(_until_eof(sock, 20))
+
+
+def test_a_big_answer_to_an_unread_upload_reaches_a_web_server_that_reads_only_after_sending(
+    start: Start,
+) -> None:
+    """Caddy 2.6 sends a request's whole body before it reads any of the response: an app
+    that answered a big upload with a big page without reading it (a 1 MB 413) waited on the
+    web server, which waited on it, until io_timeout, then a 502 blamed on the web server. A
+    response write that waits now reads on, keeps 4 MiB of body for the app, drops the rest."""
+    run = start(threads=1, io_timeout=3)
+    assert isinstance(run.address, str)
+    events = _half_duplex(run.address, "/big_list?mib=1", b"u" * (10 << 20))
+    out, _, _ = _streams(events)
+    assert out.endswith(wsgi_apps.stream_bytes(1))
+    assert type(events[-1]).__name__ == "EndRequest"
+    assert any("the rest of the body is discarded" in line for line in run.logs), run.logs
+    assert run.client().request(_get("/hello")).body == b"Hello, World!"
+
+
+def test_a_streaming_app_gets_the_whole_body_from_a_web_server_that_reads_only_after_sending(
+    start: Start,
+) -> None:
+    """An app that reads as it answers (an echo) from such a web server: its response writes
+    fill the socket while the body is still coming; what they read meanwhile is kept for the
+    app (up to 4 MiB), so the whole body comes back."""
+    run = start(threads=1, io_timeout=3)
+    assert isinstance(run.address, str)
+    body = bytes(range(256)) * (3 << 12)  # 3 MiB
+    out, _, _ = _streams(_half_duplex(run.address, "/echo_stream", body))
+    assert out.split(b"\r\n\r\n", 1)[1] == body
+
+
 @pytest.mark.parametrize(("path", "mib"), [("/file", 1), ("/file", 5), ("/big_list", 3)])
 def test_coalesced_responses_arrive_whole(start: Start, path: str, mib: int) -> None:
     """Lists and file_wrappers are coalesced (flushed every FLUSH_BYTES): nothing lost."""
