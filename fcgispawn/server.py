@@ -312,15 +312,17 @@ def _body_input(body: list[bytes]) -> io.BytesIO:
     return io.BytesIO(data)
 
 
-def _wait_fd(fd: int, events: int, timeout: float) -> bool:
-    """Block until ``fd`` is ready for ``events`` (or has an error/hang-up); False on timeout.
+def _wait_fd(fd: int, events: int, timeout: float) -> int:
+    """Block until ``fd`` is ready for ``events`` (or has an error/hang-up): the events it is
+    ready for, 0 (false) on timeout.
 
     A poll object per wait costs no syscall of its own; this only runs when a non-blocking read
     or write found nothing to do, i.e. off the fast path.
     """
     p = select.poll()
     p.register(fd, events)
-    return bool(p.poll(max(0, int(timeout * 1000) + 1)))
+    ready = p.poll(max(0, int(timeout * 1000) + 1))
+    return ready[0][1] if ready else 0
 
 
 def parse_web_server_addrs(text: str | Sequence[str] | None) -> frozenset[str] | None:
@@ -2287,55 +2289,26 @@ def _send_rest(
             continue
         views.append(mv[skip:] if skip else mv)
         skip = 0
-    if drain is not None:
-        _send_draining(fd, sock, views, timeout, drain)
-        return blocking
-    if views and not blocking and sock is None:
+    # With ``drain`` (the request's body is still coming, see _Req.drainer) no write blocks:
+    # while there is no room the thread waits for room or input, and input goes to ``drain``
+    # until it says there is nothing more to read.
+    events = _POLLOUT if drain is None else _POLLOUT | _POLLIN
+    if views and not blocking and sock is None and drain is None:
         blocking = _blocking_sends(fd, timeout)
     while views:
         batch = views[:_IOV_MAX]
+        waits = blocking and events == _POLLOUT  # (a blocking write waits in the kernel)
         try:
-            sent = os.writev(fd, batch) if blocking else _writev(fd, sock, batch)
+            sent = os.writev(fd, batch) if waits else _writev(fd, sock, batch)
         except BlockingIOError:
             sent = 0
         if not sent:
-            if blocking or not _wait_fd(fd, _POLLOUT, timeout):
+            if waits:
                 raise _send_timeout(timeout)
-            continue
-        while sent:
-            n = len(views[0])
-            if sent >= n:
-                sent -= n
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
-    return blocking
-
-
-def _send_draining(
-    fd: int,
-    sock: socket.socket | None,
-    views: list[memoryview],
-    timeout: float,
-    drain: Callable[[], bool],
-) -> None:
-    """_send_rest's loop for a request whose body is still coming (see _Req.drainer): never
-    a blocking write; while there is no room, wait for room or input, and on input call
-    ``drain`` (until it says False). ``timeout`` without either is TimeoutError."""
-    events = _POLLOUT | _POLLIN
-    while views:
-        try:
-            sent = _writev(fd, sock, views[:_IOV_MAX])
-        except BlockingIOError:
-            sent = 0
-        if not sent:
-            waiter = select.poll()
-            waiter.register(fd, events)
-            ready = waiter.poll(max(0, int(timeout * 1000) + 1))
+            ready = _wait_fd(fd, events, timeout)
             if not ready:
                 raise _send_timeout(timeout)
-            if ready[0][1] & _POLLIN and events & _POLLIN and not drain():
+            if ready & events & _POLLIN and drain is not None and not drain():
                 events = _POLLOUT
             continue
         while sent:
@@ -2346,6 +2319,7 @@ def _send_draining(
             else:
                 views[0] = views[0][sent:]
                 sent = 0
+    return blocking
 
 
 def _blocking_sends(fd: int, timeout: float) -> bool:
