@@ -621,8 +621,8 @@ def _check_status(status: object) -> str:
         raise InvalidResponseError(f"status must be str, not {type(status).__name__}: {status!r}")
     if _STATUS_OK(status) is None:
         raise InvalidResponseError(
-            f"status must be a 3-digit code, a space and a reason phrase without control "
-            f"characters, e.g. '200 OK': {status!r}"
+            f"status must be a 3-digit code, then a space and a reason phrase without control "
+            f"characters, e.g. '200 OK' (a bare '200' is taken too): {status!r}"
         )
     if len(_known_statuses) < _CACHE_LIMIT:
         _known_statuses.add(status)
@@ -906,7 +906,23 @@ def run_app(
                 log(f"error flushing wsgi.errors: {exc!r}")
     if resp.send_error is not None:
         log(f"client went away before the response was complete: {resp.send_error!r}")
+    elif resp.remaining and not failed and _has_body(environ, resp.head):
+        # The web server cannot tell a cut-short body from a client's slow one: say it here.
+        failed = True
+        resp.report(
+            f"error in the WSGI application: it sent {resp.declared - resp.remaining} of the "  # type: ignore[operator]
+            f"{resp.declared} body bytes its Content-Length header announced"
+        )
     return 1 if failed or resp.overflow or resp.send_error is not None else 0
+
+
+def _has_body(environ: dict[str, Any], head: bytes | None) -> bool:
+    """Whether the response's Content-Length counts body bytes: not for a HEAD request, nor a
+    304 (the Content-Length of what was not re-sent), 204 or 1xx."""
+    if head is None or environ.get("REQUEST_METHOD") == "HEAD":
+        return False
+    code = head[8:11]
+    return code not in (b"304", b"204") and code[:1] != b"1"
 
 
 def _send_result(resp: _Response, result: Iterable[bytes]) -> None:

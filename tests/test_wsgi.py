@@ -1178,6 +1178,28 @@ def test_app_faults_after_the_response_started_reach_wsgi_errors_too() -> None:
     assert stderr == out.logs[0] + "\n"
 
 
+@pytest.mark.parametrize(
+    ("method", "status", "reported"),
+    [("GET", "200 OK", True), ("HEAD", "200 OK", False), ("GET", "304 Not Modified", False)],
+)
+def test_a_body_shorter_than_its_content_length_is_reported(
+    method: str, status: str, reported: bool
+) -> None:
+    """The web server cannot tell a body cut short from a slow one (it waits, then its
+    client sees a truncated response): the app's mistake is logged and ends the request with
+    app status 1, as a body longer than its Content-Length does. Not for HEAD, nor a 304,
+    where the Content-Length describes what is not sent."""
+
+    def short(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response(status, [("Content-Length", "100")])
+        return [b"x" * 10] if method == "GET" and status.startswith("200") else []
+
+    out = serve(short, {b"REQUEST_METHOD": method.encode()}, validate=False)
+    message = "it sent 10 of the 100 body bytes its Content-Length header announced"
+    assert (message in "\n".join(out.logs)) is reported
+    assert out.status == (1 if reported else 0)
+
+
 def test_a_fault_after_the_client_went_away_is_only_logged() -> None:
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         write = start_response("200 OK", TEXT)
