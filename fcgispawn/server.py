@@ -578,8 +578,9 @@ class _Whole(_Output):
                 tail.append(CLOSING_MARK)
             try:  # (_write's body: a call less on every request)
                 _write_all(self.fd, tail, self.server.io_timeout, None, self.blocking)
-            except OSError:
+            except OSError as exc:
                 self.aborted = True  # a kept connection is dropped (_serve_whole)
+                self.server._unsent(exc)
         if not self.close:
             return
         try:  # noqa: SIM105
@@ -2171,10 +2172,19 @@ class Server:
                 _fin_in_step(conn)
         try:
             conn.write(out, self.io_timeout, req.drainer())  # type: ignore[arg-type]
-        except OSError:
+        except OSError as exc:
             self._kill(conn)
+            self._unsent(exc)
         if closing:
             self._last_on(conn)
+
+    def _unsent(self, exc: OSError) -> None:
+        """The end of a response could not be written: say so (as run_app does for what the
+        app's own sends hit), or a web server's timeout would leave no trace here at all."""
+        self.log(
+            "the web server closed the connection before the response was complete (it timed "
+            f"out, or its client went away): {exc!r}"
+        )
 
     def _last_due(self) -> bool:
         """Whether the response a kept connection is about to get is its last (then _last_on):

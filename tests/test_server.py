@@ -490,6 +490,30 @@ def test_client_disconnect_mid_response_leaves_the_worker_alive(start: Start) ->
     assert not any("Traceback" in line for line in run.logs)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_a_response_the_web_server_no_longer_waits_for_is_logged_once(
+    start: Start, split: bool
+) -> None:
+    """The web server gave up while the app ran (its read timeout, its client gone) and closed
+    the connection: the response's last write fails. That left no trace (Caddy's 504 had no
+    counterpart in the worker's log); now one line, and the worker serves on. In one piece the
+    request takes the whole-request path; with its body sent apart, the connection path."""
+    run = start(threads=1)
+    assert isinstance(run.address, str)
+    params = {b"PATH_INFO": b"/slow", b"QUERY_STRING": b"s=0.4", b"REQUEST_METHOD": b"POST"}
+    wire = encode_request(1, params, b"body")
+    cut = len(wire) - 16 if split else len(wire)  # 16: the body's record and the empty one
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(run.address)
+        sock.sendall(wire[:cut])
+        time.sleep(0.05)
+        sock.sendall(wire[cut:])
+        time.sleep(0.1)  # the app runs; the web server gives up
+    wait_for(lambda: any("closed the connection before the response" in x for x in run.logs))
+    assert run.client().request(_get("/hello")).body == b"Hello, World!"
+    assert sum("closed the connection before the response" in x for x in run.logs) == 1
+
+
 # --------------------------------------------------------------------------- lifecycle
 
 
