@@ -7,7 +7,6 @@ in the help epilog and the man page.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import syslog
@@ -17,7 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
-from fcgispawn import __version__
+from fcgispawn import __version__, systemd
 from fcgispawn.config import DEFAULT_THREADS, Options, SpawnConfig, build
 from fcgispawn.errors import AppImportError, FcgiSpawnError
 
@@ -43,22 +42,9 @@ Exit status: 0 success, 1 runtime failure, 2 usage error.
 """
 
 
-def _stderr_log(message: str) -> None:
-    # One write per line: print() writes text and newline separately, and workers share the
-    # supervisor's stderr, so their lines would interleave mid-line.
-    # FastCGI's initial state (spec 2) has stdout and stderr closed: Python then has no
-    # sys.stderr, and logging must never be what stops a worker.
-    if sys.stderr is None:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.write(f"fcgispawn[{os.getpid()}]: {message}\n")
-        sys.stderr.flush()
-
-
 def _daemon_log() -> Log:
     """A detached supervisor has no terminal: log to the journal when there is one, else syslog."""
     if os.path.exists("/run/systemd/journal/socket"):
-        from fcgispawn import systemd
 
         def journal(message: str) -> None:
             systemd.journal_log(message, syslog.LOG_INFO)
@@ -81,7 +67,7 @@ def fail(error: FcgiSpawnError) -> NoReturn:
     sys.exit(error.exit_code)
 
 
-def run(cfg: SpawnConfig, log: Log = _stderr_log) -> int:
+def run(cfg: SpawnConfig, log: Log = systemd.stderr_log) -> int:
     """Run a validated configuration; raises FcgiSpawnError for anything the user must fix."""
     for warning in cfg.warnings:
         log(f"warning: {warning}")

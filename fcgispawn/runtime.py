@@ -67,18 +67,6 @@ FDNAME = "fcgi"
 NOFILE_TARGET = 65536
 
 
-def _stderr_log(message: str) -> None:
-    # One write per line: print() writes the text and the newline separately, so lines from
-    # two pool threads could interleave.
-    # FastCGI's initial state (spec 2) has stdout and stderr closed: Python then has no
-    # sys.stderr, and logging must never be what stops a worker.
-    if sys.stderr is None:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.write(f"fcgispawn[{os.getpid()}]: {message}\n")
-        sys.stderr.flush()
-
-
 def find_listener() -> socket.socket:
     """The inherited listening socket (systemd activation first, then fd 0), else SocketError."""
     fds = systemd.listen_fds()
@@ -251,7 +239,7 @@ def run(
     request_timeout: float = 0.0,
     web_server_addrs: Sequence[str] | str | None = None,
     multiprocess: bool | None = None,
-    log: Callable[[str], None] = _stderr_log,
+    log: Callable[[str], None] = systemd.stderr_log,
 ) -> int:
     """The worker program: serve ``app_spec`` on ``listener`` (or the inherited socket).
 
@@ -321,7 +309,7 @@ def serve(
     web_server_addrs: Sequence[str] | str | None = None,
     multiprocess: bool = False,
     backlog: int = 1024,
-    log: Callable[[str], None] = _stderr_log,
+    log: Callable[[str], None] = systemd.stderr_log,
     on_start: Callable[[Server], None] | None = None,
 ) -> int:
     """Library entry point (``fcgispawn.serve``): serve ``app`` until TERM/INT/QUIT.

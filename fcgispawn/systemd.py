@@ -18,6 +18,8 @@ import errno
 import importlib
 import os
 import socket
+import sys
+import time
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -30,6 +32,7 @@ __all__ = [
     "listen_env",
     "listen_fds",
     "notify",
+    "stderr_log",
     "watchdog_usec",
 ]
 
@@ -225,3 +228,40 @@ def journal_log(message: str, priority: int, **fields: str) -> None:
     extra = {key.upper(): value for key, value in fields.items()}
     with contextlib.suppress(OSError, ValueError):
         _journal.send(message, PRIORITY=str(priority), **extra)
+
+
+_stamped: bool | None = None
+
+
+def _stamps() -> bool:
+    """Whether log lines carry their own time: yes, unless stderr is the journal, which
+    stamps every line itself (systemd names the stream it connected in JOURNAL_STREAM). A log
+    file, supervisord's capture or lighttpd's error log take the lines as they are, and an
+    operator needs to know when a worker died. Decided once per process (forks inherit it)."""
+    global _stamped
+    if _stamped is None:
+        dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+        try:
+            st = os.fstat(2)
+            _stamped = not (st.st_dev == int(dev) and st.st_ino == int(ino))
+        except (OSError, ValueError):
+            _stamped = True
+    return _stamped
+
+
+def stderr_log(message: str) -> None:
+    """The log of a supervisor and its workers on stderr: ``[TIME ]fcgispawn[PID]: MESSAGE``."""
+    # One write per line: print() writes the text and the newline separately, so lines from
+    # two pool threads (or the workers sharing the supervisor's stderr) could interleave.
+    # FastCGI's initial state (spec 2) has stdout and stderr closed: Python then has no
+    # sys.stderr, and logging must never be what stops a worker.
+    if sys.stderr is None:
+        return
+    line = f"fcgispawn[{os.getpid()}]: {message}\n"
+    if _stamps():
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        line = f"{stamp}.{int(now % 1 * 1000):03d} {line}"
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(line)
+        sys.stderr.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -309,3 +310,21 @@ def test_booted_is_a_bool() -> None:
 
 def test_journal_log_never_raises() -> None:
     systemd.journal_log("fcgispawn test entry", 7, worker="1", fcgi_code="x")
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_stderr_log_lines_carry_their_time_unless_stderr_is_the_journal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], journal: bool
+) -> None:
+    """A log file, supervisord's capture or lighttpd's error log keep lines as they come, and
+    an operator needs to know when a worker died; journald stamps lines itself (systemd says
+    which stream is its in JOURNAL_STREAM)."""
+    st = os.fstat(2)
+    stream = f"{st.st_dev}:{st.st_ino}" if journal else f"{st.st_dev}:{st.st_ino + 1}"
+    monkeypatch.setenv("JOURNAL_STREAM", stream)
+    monkeypatch.setattr(systemd, "_stamped", None)
+    systemd.stderr_log("hello")
+    line = capsys.readouterr().err
+    stamped = re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} fcgispawn\[\d+\]: hello\n", line)
+    assert (stamped is None) is journal, line
+    assert line.endswith(f"fcgispawn[{os.getpid()}]: hello\n")

@@ -14,6 +14,7 @@ names a place where the product disagrees with it.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -286,6 +287,10 @@ def catches(pid: int, signum: int) -> bool:
     return False
 
 
+#: The error line, or a log line (stamped with its time where stderr is no journal).
+_LOG_LINE = re.compile(r"fcgispawn: |(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} )?fcgispawn\[\d+\]: ")
+
+
 def _one_line(err: str) -> str:
     """The one error line on stderr: ``fcgispawn: MESSAGE``.
 
@@ -293,7 +298,7 @@ def _one_line(err: str) -> str:
     -n mode its progress) may appear; anything else (a traceback) fails."""
     lines = [line for line in err.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("fcgispawn: ")]
-    others = [line for line in lines if not line.startswith(("fcgispawn: ", "fcgispawn["))]
+    others = [line for line in lines if not _LOG_LINE.match(line)]
     assert len(errors) == 1 and not others, f"expected one error line on stderr:\n{err}"
     return errors[0]
 
