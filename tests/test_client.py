@@ -437,3 +437,35 @@ def test_probe_gets_no_answer_where_nothing_accepts_or_speaks_fastcgi(sockdir: P
     finally:
         probe.close()
         closer.close()
+
+
+def test_probe_over_tcp_completes_its_connect_in_the_background() -> None:
+    """On TCP a non-blocking connect is in progress at first (EINPROGRESS): the probe waits
+    for it to complete (writable), asks, and gets its answer."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            server = ServerConnection()
+            while True:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                server.receive(data)
+                out = server.pending_output()
+                if out:
+                    conn.sendall(out)
+                    return
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    probe = Probe(listener.getsockname(), socket.AF_INET)
+    try:
+        assert _run_probe(probe) is True
+    finally:
+        probe.close()
+        thread.join(5)
+        listener.close()
