@@ -7,9 +7,7 @@ in the help epilog and the man page.
 
 from __future__ import annotations
 
-import os
 import sys
-import syslog
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -42,22 +40,6 @@ Exit status: 0 success, 1 runtime failure, 2 usage error.
 """
 
 
-def _daemon_log() -> Log:
-    """A detached supervisor has no terminal: log to the journal when there is one, else syslog."""
-    if os.path.exists("/run/systemd/journal/socket"):
-
-        def journal(message: str) -> None:
-            systemd.journal_log(message, syslog.LOG_INFO)
-
-        return journal
-    syslog.openlog("fcgispawn", syslog.LOG_PID, syslog.LOG_DAEMON)
-
-    def to_syslog(message: str) -> None:
-        syslog.syslog(syslog.LOG_INFO, message)
-
-    return to_syslog
-
-
 def fail(error: FcgiSpawnError) -> NoReturn:
     """One line (and an app's traceback) on stderr, then exit with the error's status: how
     every error reaches the user, also from __main__'s worker shortcut."""
@@ -78,7 +60,7 @@ def run(cfg: SpawnConfig, log: Log = systemd.stderr_log) -> int:
         return runtime.run(listener=None, log=log, **cfg.runtime.run_kwargs())
     from fcgispawn import spawner
 
-    return spawner.spawn(cfg, log=log, say=click.echo, daemon_log=_daemon_log)
+    return spawner.spawn(cfg, log=log, say=click.echo, daemon_log=systemd.daemon_log)
 
 
 def _options(params: dict[str, Any]) -> Options:

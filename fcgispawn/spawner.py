@@ -127,9 +127,13 @@ def spawn(cfg: SpawnConfig, *, log: Log, say: Log, daemon_log: Callable[[], Log]
     uid, gid = _socket_owner(cfg, creds) if os.geteuid() == 0 else (None, None)
     sock, owned = _listener(cfg, uid, gid)
     _warn_if_exposed(sock, cfg, log)
+    detached = not (cfg.no_fork or cfg.inherited)
+    env = worker_env(cfg)
+    if detached and cfg.runtime is not None:
+        env[systemd.DAEMON_LOG_ENV] = "daemon"  # their stderr will be /dev/null
     spec = WorkerSpec(
         argv=worker_argv(cfg),
-        env=worker_env(cfg),
+        env=env,
         pass_mode=PassMode(cfg.pass_mode),
         fdname=cfg.fdname,
         credentials=creds,
@@ -150,7 +154,7 @@ def spawn(cfg: SpawnConfig, *, log: Log, say: Log, daemon_log: Callable[[], Log]
         crash_window=cfg.crash_window,
         reset_after=cfg.crash_window,
     )
-    if cfg.no_fork or cfg.inherited:
+    if not detached:
         return _supervise(sock, owned, spec, policy, cfg, log, on_ready=None)
 
     pipe = process.ReadinessPipe()

@@ -131,6 +131,8 @@ HANDLED_SIGNALS: Final[tuple[int, ...]] = (
     signal.SIGTTIN,
     signal.SIGTTOU,
     signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
     signal.SIGCHLD,
 )
 
@@ -1108,10 +1110,15 @@ class Supervisor:
                     self._scale(+1)
                 case signal.SIGTTOU:
                     self._scale(-1)
-                case signal.SIGUSR1:
-                    self._log(f"forwarding SIGUSR1 to {len(self._workers)} worker(s)")
+                case signal.SIGUSR1 | signal.SIGUSR2:
+                    # USR2 too, as multiwatch forwards it: left at its default, a logrotate
+                    # script's USR2 ended the supervisor at once (no drain, files left).
+                    name = signal.Signals(num).name
+                    self._log(f"forwarding {name} to {len(self._workers)} worker(s)")
                     for worker in list(self._workers.values()):
-                        self._signal(worker, signal.SIGUSR1)
+                        self._signal(worker, num)
+                case signal.SIGALRM:
+                    self._log("SIGALRM ignored")
                 case _:
                     pass  # SIGCHLD: reaping happens after every wakeup anyway
 

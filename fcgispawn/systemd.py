@@ -19,15 +19,18 @@ import importlib
 import os
 import socket
 import sys
+import syslog
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from fcgispawn.errors import SocketError
 
 __all__ = [
+    "DAEMON_LOG_ENV",
     "LISTEN_FDS_START",
     "booted",
+    "daemon_log",
     "journal_log",
     "listen_env",
     "listen_fds",
@@ -265,3 +268,25 @@ def stderr_log(message: str) -> None:
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.write(line)
         sys.stderr.flush()
+
+
+#: Set (to "daemon") for the workers of a detached supervisor: their stderr is /dev/null, so
+#: they log where it does (daemon_log), or an app's tracebacks and wsgi.errors were lost.
+DAEMON_LOG_ENV = "FCGISPAWN_LOG"
+
+
+def daemon_log() -> Callable[[str], None]:
+    """The log of a process without a terminal (a detached supervisor and its workers): the
+    journal when there is one, else syslog (facility daemon, tagged fcgispawn[PID])."""
+    if os.path.exists("/run/systemd/journal/socket"):
+
+        def journal(message: str) -> None:
+            journal_log(message, syslog.LOG_INFO)
+
+        return journal
+    syslog.openlog("fcgispawn", syslog.LOG_PID, syslog.LOG_DAEMON)
+
+    def to_syslog(message: str) -> None:
+        syslog.syslog(syslog.LOG_INFO, message)
+
+    return to_syslog

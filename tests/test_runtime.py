@@ -98,6 +98,38 @@ def _get(path: str, query: str = "") -> dict[str, str]:
     return {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query}
 
 
+def test_a_detached_supervisors_worker_logs_where_the_supervisor_does(
+    procs: ProcessGroup, sockdir: Path
+) -> None:
+    """A detached supervisor's workers have /dev/null as stderr: with DAEMON_LOG_ENV (set by
+    the spawner) they log where the supervisor does (systemd.daemon_log: the journal, else
+    syslog), so an app's tracebacks and wsgi.errors are not lost. Here daemon_log is pointed
+    at a file."""
+    path, logfile = sockdir / "d.sock", sockdir / "daemon.log"
+    runner = (
+        "import fcgispawn.systemd as s\n"
+        f"s.daemon_log = lambda: (lambda m: open({str(logfile)!r}, 'a').write(m + '\\n'))\n"
+        + RUNNER
+    )
+    listener = _listener(path)
+    try:
+        proc = procs.start(
+            [sys.executable, "-c", runner, HELLO, "1", "0", "30"],
+            stdin=listener.fileno(),
+            env=_env(FCGISPAWN_LOG="daemon"),
+            cwd=REPO,
+        )
+    finally:
+        listener.close()
+    client = FastCGIClient(path, timeout=20)
+    assert client.request(_get("/stderr")).stderr == b"logged to wsgi.errors\n"
+    assert client.request(_get("/raises")).status == 500
+    assert procs.stop(proc) == 0
+    logged = logfile.read_text()
+    assert "logged to wsgi.errors" in logged and "boom" in logged, logged
+    assert proc.stderr is not None and b"boom" not in proc.stderr.read()
+
+
 def test_serves_on_inherited_fd0(procs: ProcessGroup, sockdir: Path) -> None:
     path = sockdir / "a.sock"
     proc = _start_on_fd0(procs, path)
@@ -210,11 +242,14 @@ def test_sigquit_stops_without_waiting(procs: ProcessGroup, sockdir: Path) -> No
     assert len(errors) == 1
 
 
-def test_sigusr1_and_sighup_do_not_kill_the_worker(procs: ProcessGroup, sockdir: Path) -> None:
+def test_sigusr1_sigusr2_and_sighup_do_not_kill_the_worker(
+    procs: ProcessGroup, sockdir: Path
+) -> None:
     path = sockdir / "u.sock"
     proc = _start_on_fd0(procs, path)
     FastCGIClient(path, timeout=20).request(_get("/hello"))
     proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGUSR2)  # forwarded by the supervisor, as multiwatch does
     proc.send_signal(signal.SIGHUP)
     time.sleep(0.3)
     assert proc.poll() is None

@@ -700,18 +700,31 @@ def test_ttin_and_ttou_add_and_remove_one_worker_never_below_one(
     assert int(ask(sup.sock)) == left
 
 
-def test_usr1_is_forwarded_to_every_worker(procs: ProcessGroup, sockdir: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2])
+def test_usr1_and_usr2_are_forwarded_to_every_worker(
+    procs: ProcessGroup, sockdir: Path, signum: signal.Signals
+) -> None:
+    """USR2 as multiwatch forwards it: left at its default action, a logrotate script's USR2
+    ended the supervisor at once, without a drain, leaving its pid and socket files."""
     record = sockdir / "record"
     argv = [*WORKER, "--record", str(record)]
     sup = start(procs, sockdir, argv=argv, workers=2, readiness="notify")  # handlers installed
     pids = sup.wait_workers(2)
-    sup.signal(signal.SIGUSR1)
-    expected = {f"{pid} SIGUSR1" for pid in pids}
+    sup.signal(signum)
+    expected = {f"{pid} {signum.name}" for pid in pids}
     wait_for(
         lambda: record.exists() and set(record.read_text().splitlines()) == expected,
         what=f"{expected} in {record} (log:\n{sup.log})",
     )
     assert sup.workers() == pids
+
+
+def test_sigalrm_is_ignored_not_fatal(procs: ProcessGroup, sockdir: Path) -> None:
+    sup = start(procs, sockdir)
+    (pid,) = sup.wait_workers(1)
+    sup.signal(signal.SIGALRM)
+    sup.wait_log("SIGALRM ignored")
+    assert sup.proc.poll() is None and sup.workers() == {pid}
 
 
 # -------------------------------------------------------------------------------- reload

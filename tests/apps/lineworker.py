@@ -17,8 +17,8 @@ connection at a time: read one line, answer, close. Requests:
 
 Options: ``--ignore-term`` (TERM does nothing), ``--exit N`` (exit with N at once),
 ``--exit-if-exists PATH`` (exit 3 at once when PATH exists: a "broken deploy"),
-``--record PATH`` (append ``<pid> <signal>`` on USR1 and TERM), ``--notify-after SECS`` (a slow
-start: sleep SECS before READY=1 and accepting), ``--no-notify`` (never send READY=1).
+``--record PATH`` (append ``<pid> <signal>`` on USR1, USR2 and TERM), ``--notify-after SECS``
+(a slow start: sleep SECS before READY=1 and accepting), ``--no-notify`` (never send READY=1).
 
 With ``NOTIFY_SOCKET`` set (the supervisor's Readiness.NOTIFY) it sends ``READY=1`` once its
 signal handlers are installed and it is about to accept.
@@ -57,6 +57,10 @@ def _on_term(signum: int, frame: FrameType | None) -> None:
 
 def _on_usr1(signum: int, frame: FrameType | None) -> None:
     _note("SIGUSR1")
+
+
+def _on_usr2(signum: int, frame: FrameType | None) -> None:
+    _note("SIGUSR2")
 
 
 def _notify_ready() -> None:
@@ -128,6 +132,7 @@ def main(argv: list[str]) -> int:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_term else _on_term)
     signal.signal(signal.SIGUSR1, _on_usr1)
+    signal.signal(signal.SIGUSR2, _on_usr2)
     fd = _listen_fd()
     listener = socket.socket(fileno=fd)
     # Non-blocking (in the shared open file description: every copy of this program copes
