@@ -338,6 +338,10 @@ def _bind_tcp(address: TcpAddress, options: BindOptions) -> Listener:
             sock.bind(sockaddr)
             with contextlib.suppress(OSError, AttributeError):  # an optimisation, not a need
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+            # Accepted connections inherit it: a COMMAND's response that ends in a small
+            # second write (END_REQUEST) must not wait for a delayed ACK (Nagle), 40 ms.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.listen(options.backlog)
         except OSError as exc:
             sock.close()

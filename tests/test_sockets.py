@@ -624,6 +624,23 @@ def test_tcp_listener_hands_over_connections_only_once_their_request_came(
         silent.sendall(b"\x01")
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "[::1]:0"])
+def test_tcp_connections_are_accepted_without_nagle(
+    listeners: list[Listener], address: str
+) -> None:
+    """TCP_NODELAY on the listener, inherited by what it accepts: a response that ends in a
+    second small write (END_REQUEST after a streamed body) waited 40 ms for the web server's
+    delayed ACK on a kept connection."""
+    listener = bind(parse_address(address))
+    listeners.append(listener)
+    host, port = listener.sock.getsockname()[:2]
+    with socket.create_connection((host, port), timeout=2) as client:
+        client.sendall(b"\x01")
+        conn, _ = listener.sock.accept()
+        with conn:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
 def test_adopted_tcp_socket_keeps_its_owners_defer_accept() -> None:
     """An inherited socket is its owner's (spawn-fcgi, systemd: DeferAcceptSec=)."""
     raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
