@@ -693,6 +693,7 @@ class _Response:
         "declared",
         "errors",
         "head",
+        "head_only",
         "head_sent",
         "log",
         "overflow",
@@ -711,6 +712,7 @@ class _Response:
         self.log = log
         self.errors = errors
         self.head: bytes | None = None
+        self.head_only = False  # a HEAD request: the body is dropped (see run_app)
         self.head_sent = False
         self.declared: int | None = None  # the Content-Length header's value
         self.remaining: int | None = None  # Content-Length bytes still allowed
@@ -781,6 +783,8 @@ class _Response:
 
     def emit(self, chunk: bytes) -> None:
         """Send a non-empty body chunk, with the head in the same call if not yet sent."""
+        if self.head_only:
+            chunk = b""
         remaining = self.remaining
         if remaining is not None:
             if len(chunk) > remaining:
@@ -868,6 +872,9 @@ def run_app(
     """
     errors = environ.get("wsgi.errors")
     resp = _Response(send, log, errors)
+    # A HEAD's body goes nowhere (every web server drops it; nginx closes once it has the
+    # head): not sent, and not read or computed further than the head needs.
+    resp.head_only = environ.get("REQUEST_METHOD") == "HEAD"
     result: Iterable[bytes] | None = None
     failed = False
     try:
@@ -940,7 +947,12 @@ def _send_result(resp: _Response, result: Iterable[bytes]) -> None:
         if chunk:
             remaining = resp.remaining
             head = resp.head
-            if resp.head_sent or head is None or (remaining is not None and len(chunk) > remaining):
+            if (
+                resp.head_sent
+                or head is None
+                or resp.head_only
+                or (remaining is not None and len(chunk) > remaining)
+            ):
                 resp.emit(chunk)  # the general rules
             else:  # the hello case, emit() inlined: head and body in one send
                 if remaining is not None:
@@ -952,7 +964,7 @@ def _send_result(resp: _Response, result: Iterable[bytes]) -> None:
         wrapper = cast(FileWrapper, result)
         read = wrapper.filelike.read
         size = max(wrapper.blksize, FILE_READ_SIZE)
-        while not resp.overflow:
+        while not (resp.overflow or resp.head_only):
             chunk = read(size)
             if not chunk:
                 break
@@ -975,7 +987,7 @@ def _send_result(resp: _Response, result: Iterable[bytes]) -> None:
                 )
             if chunk:
                 resp.emit(chunk)
-                if resp.overflow:
+                if resp.overflow or resp.head_only:
                     break
     resp.finish()
 

@@ -1200,6 +1200,43 @@ def test_a_body_shorter_than_its_content_length_is_reported(
     assert out.status == (1 if reported else 0)
 
 
+@pytest.mark.parametrize("kind", ["list", "write", "file", "endless"])
+def test_a_head_request_gets_the_head_and_no_body(kind: str) -> None:
+    """A HEAD's body goes nowhere (every web server drops it, nginx closes once it has the
+    head): not sent, a file not read, an endless generator not run past its first chunk
+    (closed as usual); the Content-Length stays what the app said."""
+    reads: list[int] = []
+    closed: list[bool] = []
+
+    class Counting(io.BytesIO):
+        def read(self, size: int | None = -1, /) -> bytes:
+            reads.append(1)
+            return super().read(size)
+
+    def endless() -> Iterator[bytes]:
+        try:
+            while True:
+                yield b"x" * 100
+        finally:
+            closed.append(True)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        write = start_response("200 OK", [("Content-Length", "300")])
+        if kind == "list":
+            return [b"x" * 300]
+        if kind == "write":
+            write(b"x" * 300)
+            return []
+        if kind == "file":
+            return environ["wsgi.file_wrapper"](Counting(b"x" * 300))  # type: ignore[no-any-return]
+        return endless()
+
+    out = serve(app, {b"REQUEST_METHOD": b"HEAD"}, validate=False)
+    assert out.status == 0 and out.body == b"" and b"Content-Length: 300" in out.head
+    assert not reads and (closed == [True] if kind == "endless" else not closed)
+    assert not out.logs
+
+
 def test_a_fault_after_the_client_went_away_is_only_logged() -> None:
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         write = start_response("200 OK", TEXT)
