@@ -1154,7 +1154,7 @@ class Supervisor:
     def _fire_timers(self, now: float) -> None:
         if self._probe is not None:
             if now >= self._probe_deadline:
-                self._probe_done(False, f"no answer within {PROBE_TIMEOUT:g}s")
+                self._probe_done(False, f"did not answer within {PROBE_TIMEOUT:g}s")
             elif self._probe.retry_at is not None and now >= self._probe.retry_at:
                 self._probe_step()
         interval = self._watchdog_interval
@@ -1354,6 +1354,11 @@ class Supervisor:
             return []
         return [p for p in pids if p not in self._workers and p not in self._templates]
 
+    def _unprove_above(self, generation: int) -> None:
+        """A generation number above ``generation`` is handed out again (an aborted or
+        superseded reload): whatever proved the attempt that had it says nothing of the next."""
+        self._proven_generation = min(self._proven_generation, generation)
+
     def _prove(self, generation: int, why: str) -> None:
         """Generation ``generation`` serves: its workers are up, their exits never startup
         failures."""
@@ -1514,6 +1519,7 @@ class Supervisor:
                 self._log("SIGHUP during reload: restarting the reload")
                 self._drop_successors()
                 self._generation -= 1  # the superseded attempt never ran (see _abort_reload)
+                self._unprove_above(self._generation)
             case Phase.RUNNING:
                 self._move(Phase.RELOADING)
             case _ as unreachable:
@@ -1569,6 +1575,7 @@ class Supervisor:
         # The aborted generation never ran: the running one is current again, and the workers
         # that replace its losses belong to it (a number above it is not proven to start).
         self._generation -= 1
+        self._unprove_above(self._generation)
         self._drop_successors()
         if self._next_template is not None:
             self._stop_template(self._next_template, self._policy.fast_timeout)
