@@ -2263,7 +2263,7 @@ def _write_all(
     None, where the kernel supports it) or sendmsg(MSG_DONTWAIT) on ``sock``; a full socket
     buffer is _send_rest's. Returns whether the fd now takes blocking writes (see _send_rest):
     the caller passes that back as ``blocking`` for its next write on the same fd. With
-    ``drain`` no write blocks: see _send_draining.
+    ``drain`` no write blocks: see _send_rest.
     """
     if len(bufs) <= _IOV_MAX:
         try:

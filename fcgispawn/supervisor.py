@@ -1392,16 +1392,25 @@ class Supervisor:
         self._probe_generation = generation
         self._probe_deadline = time.monotonic() + PROBE_TIMEOUT
         self._probe_exits = [reason]
-        self._sel.register(probe, self._probe_events(probe), _PROBE)
+        self._probe_watch(probe)
         self._log(
             f"a worker of generation {generation} exited 0 before it counted as up: "
             "asking the pool whether it serves (FCGI_GET_VALUES)"
         )
         return True
 
-    @staticmethod
-    def _probe_events(probe: PoolProbe) -> int:
-        return selectors.EVENT_WRITE if probe.wants_write else selectors.EVENT_READ
+    def _probe_watch(self, probe: PoolProbe) -> None:
+        """Watch the probe's socket for what it waits for; not at all while it waits to try
+        its connect again (retry_at, a timer): an unconnected socket would wake the loop
+        without end."""
+        sel = self._sel
+        if sel is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(probe)
+        if probe.retry_at is None:
+            events = selectors.EVENT_WRITE if probe.wants_write else selectors.EVENT_READ
+            sel.register(probe, events, _PROBE)
 
     def _probe_step(self) -> None:
         probe = self._probe
@@ -1409,8 +1418,7 @@ class Supervisor:
             return
         answer = probe.step()
         if answer is None:
-            if self._sel is not None:
-                self._sel.modify(probe, self._probe_events(probe), _PROBE)
+            self._probe_watch(probe)
             return
         self._probe_done(answer, "answered" if answer else "refused or closed the connection")
 
