@@ -228,10 +228,13 @@ def workers_of(
         # Read each time: right after Popen the supervisor itself may not have exec'd yet, and
         # its cmdline then is the test runner's, which its own pre-exec children do not share.
         parent = cmdline(supervisor)
+        # Exec'd first, template second: a child still before its exec has the supervisor's
+        # environment, in which a preload template is not recognisable yet; checked in the
+        # other order, one that exec'd in between passed for a worker (seen in CI).
         found = [
             p
-            for p in children_of(supervisor)
-            if p not in exclude and cmdline(p) not in (b"", parent)
+            for p in children_of(supervisor, templates=True)
+            if p not in exclude and cmdline(p) not in (b"", parent) and not is_template(p)
         ]
         return len(found) == count if exact else len(found) >= count
 
