@@ -198,6 +198,7 @@ def _serve_app(
             multiprocess=multiprocess,
             release_listener=release_listener,
             log=log,
+            on_retire=lambda: _notify_via(notify_socket, "STOPPING=1"),
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -210,15 +211,7 @@ def _serve_app(
         # The listener already queues connections, so "ready" is true from here on. Under
         # fcgispawn's supervisor this is what ends a reload's overlap (Readiness.NOTIFY); under
         # systemd (Type=notify, in-process) it is the service's READY=1. No NOTIFY_SOCKET: no-op.
-        if notify_socket is None:  # serve(): the embedder's environment, as it is
-            systemd.notify("READY=1", f"MAINPID={os.getpid()}")
-        elif notify_socket:  # run() took it out of the environment: for this one message
-            os.environ["NOTIFY_SOCKET"] = notify_socket
-            try:
-                systemd.notify("READY=1", f"MAINPID={os.getpid()}")
-            finally:
-                # os.environ, not sd_notify's unset flag: that one leaves Python's copy.
-                os.environ.pop("NOTIFY_SOCKET", None)
+        _notify_via(notify_socket, "READY=1", f"MAINPID={os.getpid()}")
         rc = server.serve_forever()
     if rc == EXIT_REQUEST_TIMEOUT and exit_on_request_timeout:
         # The hung app thread holds whatever it holds (locks, the GIL between bytecodes):
@@ -227,6 +220,21 @@ def _serve_app(
             sys.stderr.flush()
         os._exit(rc)
     return rc
+
+
+def _notify_via(notify_socket: str | None, *fields: str) -> None:
+    """sd_notify ``fields``: to the embedder's NOTIFY_SOCKET as it is (None, serve()), or to the
+    one run() took out of the environment before importing the app (an app that runs
+    sd_notify code must not talk on it), set back for this one message; "" is none."""
+    if notify_socket is None:
+        systemd.notify(*fields)
+    elif notify_socket:
+        os.environ["NOTIFY_SOCKET"] = notify_socket
+        try:
+            systemd.notify(*fields)
+        finally:
+            # os.environ, not sd_notify's unset flag: that one leaves Python's copy.
+            os.environ.pop("NOTIFY_SOCKET", None)
 
 
 def run(

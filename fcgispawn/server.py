@@ -798,6 +798,7 @@ class Server:
         web_server_addrs: Sequence[str] | str | None = None,
         multiprocess: bool = False,
         release_listener: bool = False,
+        on_retire: Callable[[], None] | None = None,
         log: Callable[[str], None],
     ) -> None:
         if threads < 1:
@@ -812,6 +813,9 @@ class Server:
         self.app = app
         self.listener = listener
         self.release_listener = release_listener
+        #: Called when the server stops by itself (--max-requests, --request-timeout), before
+        #: its drain: the runtime tells its supervisor (STOPPING=1) to start the replacement.
+        self.on_retire = on_retire
         self.threads = threads
         self.max_requests = (
             max_requests + random.randint(0, max_requests_jitter) if max_requests else 0
@@ -1085,6 +1089,11 @@ class Server:
             reason = "max-requests reached"
         else:
             reason = "stop requested"
+        if reason != "stop requested" and self.on_retire is not None:
+            try:
+                self.on_retire()
+            except Exception as exc:  # a notification must not stop the stop
+                self.log(f"could not announce the stop: {exc!r}")
         self._accepting = False
         assert self._ep is not None
         with contextlib.suppress(OSError):

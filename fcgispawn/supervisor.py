@@ -1075,7 +1075,11 @@ class Supervisor:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = struct.unpack("iII", payload[:creds_size])[0]
             worker = self._workers.get(pid) if pid is not None else None
-            if worker is None or b"READY=1" not in data.split(b"\n"):
+            fields = data.split(b"\n")
+            if worker is not None and b"STOPPING=1" in fields:
+                self._retiring(worker)
+                continue
+            if worker is None or b"READY=1" not in fields:
                 continue
             if worker.state is WorkerState.STARTING:
                 self._mark_up(worker)
@@ -1669,12 +1673,30 @@ class Supervisor:
         for template in list(self._templates.values()):
             self._stop_template(template, min(timeout, self._policy.fast_timeout))
 
-    def _stop_worker(self, worker: _Worker, timeout: float) -> None:
-        """TERM a worker (once) and arm its KILL deadline (only ever moved earlier)."""
+    def _retiring(self, worker: _Worker) -> None:
+        """A worker said STOPPING=1: it stops by itself (--max-requests, --request-timeout) and
+        drains first, which with kept connections takes up to a second (PENDING_DRAIN). Its
+        replacement starts now, not when it exits: waiting cost the pool that worker's share
+        of capacity, and with all workers recycling about together every slot could be
+        draining at once (Apache enablereuse with --max-requests 500: 62,000 -> 23,700
+        requests in 6 s, stalls of 0.85 s)."""
+        slot = worker.slot
+        if slot is None or slot.worker is not worker or self._stopping():
+            return  # a reload's old worker, a successor, or a stop: already being replaced
+        worker.slot = None
+        slot.worker = None
+        self._stop_worker(worker, self._policy.graceful_timeout, signal_it=False)
+        self._log(f"worker {worker.pid} is retiring: starting its replacement now")
+        self._restart_now(slot)
+
+    def _stop_worker(self, worker: _Worker, timeout: float, *, signal_it: bool = True) -> None:
+        """TERM a worker (once; not one stopping by itself) and arm its KILL deadline (only
+        ever moved earlier)."""
         deadline = time.monotonic() + timeout
         if worker.state is not WorkerState.STOPPING:
             worker.move(WorkerState.STOPPING)
-            self._signal(worker, signal.SIGTERM)
+            if signal_it:
+                self._signal(worker, signal.SIGTERM)
         if worker.abandon_at is None and (worker.kill_at is None or deadline < worker.kill_at):
             worker.kill_at = deadline
 

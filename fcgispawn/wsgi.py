@@ -1006,7 +1006,8 @@ def _report(resp: _Response, exc: Exception) -> None:
     resp.report(f"error in the WSGI application, answering 500: {_describe(exc)}")
     resp.head_sent = True
     try:
-        resp.send([_INTERNAL_ERROR_RESPONSE])
+        error = _INTERNAL_ERROR_RESPONSE
+        resp.send([error[: -len(_INTERNAL_ERROR_BODY)] if resp.head_only else error])
     except OSError as send_exc:
         resp.send_error = send_exc
 

@@ -919,6 +919,22 @@ def test_an_inherited_tcp_listener_hands_out_connections_without_nagle(start: St
     assert run.client().request(_get("/hello")).body == b"Hello, World!"
 
 
+def test_a_server_that_stops_by_itself_announces_it_first(start: Start) -> None:
+    """on_retire runs when --max-requests ends the server, before its drain (the runtime
+    sends its supervisor STOPPING=1 there, so the replacement starts at once); not on a stop
+    someone asked for, who knows already."""
+    calls: list[str] = []
+    run = start(threads=1, max_requests=2, on_retire=lambda: calls.append("retire"))
+    client = run.client()
+    client.request(_get("/hello"))
+    client.request(_get("/hello"))
+    run.thread.join(10)
+    assert calls == ["retire"] and run.result == [0]
+    asked: list[str] = []
+    other = start(threads=1, on_retire=lambda: asked.append("retire"))
+    assert other.stop() == 0 and asked == []
+
+
 def _tcp_listener() -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))

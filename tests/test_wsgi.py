@@ -1237,6 +1237,15 @@ def test_a_head_request_gets_the_head_and_no_body(kind: str) -> None:
     assert not out.logs
 
 
+def test_a_head_request_that_fails_gets_the_500_head_without_its_body() -> None:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        raise RuntimeError("boom")
+
+    out = serve(app, {b"REQUEST_METHOD": b"HEAD"}, validate=False)
+    assert out.status_line == b"Status: 500 Internal Server Error"
+    assert out.body == b"" and b"Content-Length: 21" in out.head
+
+
 def test_a_fault_after_the_client_went_away_is_only_logged() -> None:
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         write = start_response("200 OK", TEXT)

@@ -14,6 +14,8 @@ connection at a time: read one line, answer, close. Requests:
                       SECS and sends ``done``: the test knows which worker is busy
 * ``info``         -> JSON: pid, ppid, LISTEN_* variables, the fd it serves on
 * ``exit``         -> ``<pid>``, then exits 0 (a voluntary recycle, like --max-requests)
+* ``retire SECS``  -> ``<pid>``, sends ``STOPPING=1`` (as the --wsgi runtime does when it stops
+                      by itself), then drains for SECS and exits 0
 
 Options: ``--ignore-term`` (TERM does nothing), ``--exit N`` (exit with N at once),
 ``--exit-if-exists PATH`` (exit 3 at once when PATH exists: a "broken deploy"),
@@ -63,11 +65,11 @@ def _on_usr2(signum: int, frame: FrameType | None) -> None:
     _note("SIGUSR2")
 
 
-def _notify_ready() -> None:
+def _notify_ready(message: bytes = b"READY=1\nSTATUS=accepting") -> None:
     target = os.environ.get("NOTIFY_SOCKET", "")
     address = "\0" + target[1:] if target.startswith("@") else target
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(b"READY=1\nSTATUS=accepting", address)
+        s.sendto(message, address)
 
 
 def _listen_fd() -> int:
@@ -95,6 +97,11 @@ def _serve(conn: socket.socket, fd: int) -> None:
         conn.sendall(b"done\n")
     elif word == "exit":
         conn.sendall(pid + b"\n")
+        _stop = True
+    elif word == "retire":
+        conn.sendall(pid + b"\n")
+        _notify_ready(b"STOPPING=1")
+        time.sleep(float(arg))
         _stop = True
     elif word == "info":
         info = {
