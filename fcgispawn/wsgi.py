@@ -912,10 +912,7 @@ def run_app(
             except Exception as exc:
                 log(f"error flushing wsgi.errors: {exc!r}")
     if resp.send_error is not None:
-        # A HEAD's body goes nowhere: a web server that closes once it has the head (nginx)
-        # lost nothing (a Django FileResponse logged this for every HEAD).
-        if not (resp.head_sent and environ.get("REQUEST_METHOD") == "HEAD"):
-            log(f"client went away before the response was complete: {resp.send_error!r}")
+        log(f"client went away before the response was complete: {resp.send_error!r}")
     elif resp.remaining and not failed and _has_body(environ, resp.head):
         # The web server cannot tell a cut-short body from a client's slow one: say it here.
         failed = True
