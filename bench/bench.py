@@ -73,6 +73,14 @@ class Backend:
     processes: int
 
 
+def _uwsgi_argv(sock: Path, *extra: str) -> list[str]:
+    """uWSGI with 2 workers on ``sock`` serving bench/apps.py, plus ``extra``."""
+    return [
+        str(VENV_BIN / "uwsgi"), "--master", "--processes", "2",
+        "--fastcgi-socket", str(sock), "--wsgi-file", str(BENCH / "apps.py"), *extra,
+    ]  # fmt: skip
+
+
 BACKENDS: dict[str, Backend] = {
     "fcgispawn": Backend(
         "fcgispawn",
@@ -95,11 +103,7 @@ BACKENDS: dict[str, Backend] = {
     "uwsgi": Backend(
         "uwsgi",
         "uWSGI --master --processes 2 --fastcgi-socket",
-        lambda sock, tools: [
-            str(VENV_BIN / "uwsgi"), "--master", "--processes", "2",
-            "--fastcgi-socket", str(sock), "--wsgi-file", str(BENCH / "apps.py"),
-            "--disable-logging",
-        ],
+        lambda sock, tools: _uwsgi_argv(sock, "--disable-logging"),
         3,
     ),
     # Opt-in: uWSGI as shipped, logging a line per request (to the run's log file here). Not
@@ -110,10 +114,7 @@ BACKENDS: dict[str, Backend] = {
     "uwsgi-logging": Backend(
         "uwsgi-logging",
         "uWSGI --master --processes 2 --fastcgi-socket, request logging on (its default)",
-        lambda sock, tools: [
-            str(VENV_BIN / "uwsgi"), "--master", "--processes", "2",
-            "--fastcgi-socket", str(sock), "--wsgi-file", str(BENCH / "apps.py"),
-        ],
+        lambda sock, tools: _uwsgi_argv(sock),
         3,
     ),
     "flup-fork": Backend(
