@@ -806,6 +806,33 @@ def test_request_sent_on_a_parked_connection_during_stop_is_served(start: Start)
     assert got.endswith(b"late")
 
 
+def _late_request_on_a_parked_connection(
+    run: Running, path: str, extra: dict[str, str], *, split: bool
+) -> bytes:
+    """A kept connection parked idle, a stop begun, then a POST to ``path`` on it (``split``:
+    its body after a pause, so not one whole request in one read): all the server sends
+    until it closes the connection."""
+    with run.client() as client:
+        client.request(_get("/hello", **extra), keep_conn=True)  # now parked, idle
+        sock = client._sock
+        assert sock is not None
+        stopper = threading.Thread(target=run.stop)
+        stopper.start()
+        time.sleep(0.2)  # the stop is under way
+        params = {k.encode(): v.encode() for k, v in _get(path, **extra).items()}
+        params[b"REQUEST_METHOD"] = b"POST"
+        wire = encode_request(1, params, b"late", keep_conn=True)
+        if split:
+            cut = wire.index(encode_record(RecordType.STDIN, 1, b"late"))
+            sock.sendall(wire[:cut])
+            time.sleep(0.05)
+            wire = wire[cut:]
+        sock.sendall(wire)
+        raw = _until_eof(sock)
+        stopper.join(10)
+    return raw
+
+
 @pytest.mark.parametrize("path", ["/hello", "/echo"])
 def test_a_kept_nginx_connection_used_during_a_stop_is_served_and_marked_not_to_be_reused(
     start: Start, path: str
@@ -818,24 +845,7 @@ def test_a_kept_nginx_connection_used_during_a_stop_is_served_and_marked_not_to_
     the connection path."""
     run = start(threads=1)
     nginx = {"SERVER_SOFTWARE": "nginx/1.22.1"}
-    with run.client() as client:
-        client.request(_get("/hello", **nginx), keep_conn=True)  # now parked, idle
-        sock = client._sock
-        assert sock is not None
-        stopper = threading.Thread(target=run.stop)
-        stopper.start()
-        time.sleep(0.2)  # the stop is under way
-        params = {k.encode(): v.encode() for k, v in _get(path, **nginx).items()}
-        params[b"REQUEST_METHOD"] = b"POST"
-        wire = encode_request(1, params, b"late", keep_conn=True)
-        if path == "/echo":  # the body after a pause: not one whole request in one read
-            cut = wire.index(encode_record(RecordType.STDIN, 1, b"late"))
-            sock.sendall(wire[:cut])
-            time.sleep(0.05)
-            wire = wire[cut:]
-        sock.sendall(wire)
-        raw = _until_eof(sock)
-        stopper.join(10)
+    raw = _late_request_on_a_parked_connection(run, path, nginx, split=path == "/echo")
     events = ClientConnection().receive(raw)
     out, _, _ = _streams(events)
     assert out.endswith(b"Hello, World!" if path == "/hello" else b"late")
@@ -1064,18 +1074,7 @@ def test_another_web_servers_kept_tcp_connection_is_served_during_a_stop_then_en
     Apache was sending on one (a reset, a 503). /hello takes the whole-request path, /echo
     the connection path."""
     run = start(threads=1, listener=_tcp_listener())
-    with run.client() as client:
-        client.request(_get("/hello", **APACHE), keep_conn=True)  # now parked, idle
-        sock = client._sock
-        assert sock is not None
-        stopper = threading.Thread(target=run.stop)
-        stopper.start()
-        time.sleep(0.2)  # the stop is under way
-        params = {k.encode(): v.encode() for k, v in _get(path, **APACHE).items()}
-        params[b"REQUEST_METHOD"] = b"POST"
-        sock.sendall(encode_request(1, params, b"late", keep_conn=True))
-        raw = _until_eof(sock)
-        stopper.join(10)
+    raw = _late_request_on_a_parked_connection(run, path, APACHE, split=False)
     events = ClientConnection().receive(raw)
     assert _streams(events)[0].endswith(b"Hello, World!" if path == "/hello" else b"late")
     assert type(events[-1]).__name__ == "EndRequest" and CLOSING_MARK not in raw
