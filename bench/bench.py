@@ -161,7 +161,7 @@ class Run:
     requests: int
     errors: int
     seconds: float
-    backend_cpu: float
+    backend_cpu: common.Cpu
     nginx_cpu: float | None = None
     idle_warning: str = ""
     note: str = ""
@@ -172,7 +172,19 @@ class Run:
 
     @property
     def us_per_req(self) -> float:
-        return self.backend_cpu / self.requests * 1e6 if self.requests else math.nan
+        return self._per_req(self.backend_cpu.total)
+
+    @property
+    def user_us_per_req(self) -> float:
+        """The backend's user-space share: its own code (for a Python peer, the interpreter)."""
+        return self._per_req(self.backend_cpu.user)
+
+    @property
+    def kernel_us_per_req(self) -> float:
+        return self._per_req(self.backend_cpu.system)
+
+    def _per_req(self, seconds: float) -> float:
+        return seconds / self.requests * 1e6 if self.requests else math.nan
 
     @property
     def nginx_us_per_req(self) -> float:
@@ -317,8 +329,8 @@ def measure_backend(
                 requests,
                 errors,
                 seconds,
-                common.cpu_seconds_between(before, after),
-                common.cpu_seconds_between(nginx_before, common.cpu_ticks(nginx_pids))
+                common.cpu_between(before, after),
+                common.cpu_between(nginx_before, common.cpu_ticks(nginx_pids)).total
                 if through_nginx
                 else None,
                 warning,
@@ -418,7 +430,8 @@ def summarize(settings: Settings) -> str:
             ref_rps = common.median_range([r.rps for r in ref_runs])[0]
         header = (
             "| backend | µs/req median (min-max) | req/s median (min-max) "
-            f"| µs/req ÷ {reference or '-'} | req/s ÷ {reference or '-'} | errors |"
+            f"| µs/req ÷ {reference or '-'} | req/s ÷ {reference or '-'} | errors "
+            "| user / kernel µs/req |"
         )
         if mode in NGINX_MODES:
             header += " nginx µs/req | nginx + backend µs/req |"
@@ -434,7 +447,9 @@ def summarize(settings: Settings) -> str:
                 f"| {name} | {_fmt(us[0], 1)} ({_fmt(us[1], 1)}-{_fmt(us[2], 1)}) "
                 f"| {_fmt(rps[0])} ({_fmt(rps[1])}-{_fmt(rps[2])}) "
                 f"| {_ratio(us[0], ref_us)} | {_ratio(rps[0], ref_rps)} "
-                f"| {sum(r.errors for r in mine)} |"
+                f"| {sum(r.errors for r in mine)} "
+                f"| {_fmt(common.median_range([r.user_us_per_req for r in mine])[0], 1)} / "
+                f"{_fmt(common.median_range([r.kernel_us_per_req for r in mine])[0], 1)} |"
             )
             if mode in NGINX_MODES:
                 ngx = common.median_range([r.nginx_us_per_req for r in mine])
@@ -456,6 +471,8 @@ def summarize(settings: Settings) -> str:
             if mode in GOAL_MODES:
                 uwsgi, c_app = f"{uwsgi} (goal ≤ 1.00)", f"{c_app} (goal ≤ 1.10)"
             lines.append(f"- {mode}: vs uWSGI {uwsgi}, vs C app {c_app}")
+            if mode in GOAL_MODES:
+                lines.append(f"  - split: {_split(settings, mode)}")
         for mode in (m for m in settings.modes if m in NGINX_MODES):
 
             def system(name: str, mode: str = mode) -> float:
@@ -485,17 +502,32 @@ def summarize(settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def _split(settings: Settings, mode: str) -> str:
+    """Which side of the kernel a gap is on: user / kernel µs/req medians of fcgispawn and of
+    the two goal peers (a Python responder's user-space part is the interpreter running it)."""
+    parts = []
+    for name in ("fcgispawn", "uwsgi", "c-app"):
+        mine = [r for r in settings.runs if r.backend == name and r.mode == mode]
+        if mine:
+            user = common.median_range([r.user_us_per_req for r in mine])[0]
+            kernel = common.median_range([r.kernel_us_per_req for r in mine])[0]
+            parts.append(f"{name} {_fmt(user, 1)} user + {_fmt(kernel, 1)} kernel")
+    return "; ".join(parts) + " µs/req"
+
+
 def raw_table(settings: Settings) -> str:
     lines = [
         "| rep | backend | mode | requests | errors | s | req/s | backend CPU s | µs/req "
-        "| nginx µs/req | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| user / kernel µs/req | nginx µs/req | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in settings.runs:
         notes = "; ".join(x for x in (r.idle_warning, r.note) if x)
         lines.append(
             f"| {r.repetition} | {r.backend} | {r.mode} | {r.requests} | {r.errors} "
-            f"| {r.seconds:.2f} | {r.rps:,.0f} | {r.backend_cpu:.2f} | {_fmt(r.us_per_req, 1)} "
+            f"| {r.seconds:.2f} | {r.rps:,.0f} | {r.backend_cpu.total:.2f} "
+            f"| {_fmt(r.us_per_req, 1)} "
+            f"| {_fmt(r.user_us_per_req, 1)} / {_fmt(r.kernel_us_per_req, 1)} "
             f"| {_fmt(r.nginx_us_per_req, 1)} | {notes} |"
         )
     return "\n".join(lines)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -77,8 +78,8 @@ def compile_c(source: Path, output: Path, libs: Sequence[str] = ()) -> Path:
 # ---- /proc accounting ----------------------------------------------------------------------
 
 
-def _read_stat(pid: int) -> tuple[int, int] | None:
-    """(ppid, utime+stime in ticks) of one process, or None if it is gone."""
+def _read_stat(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, utime, stime in ticks) of one process, or None if it is gone."""
     try:
         data = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
@@ -86,7 +87,7 @@ def _read_stat(pid: int) -> tuple[int, int] | None:
     # The command name may hold spaces and parentheses: split after the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
     # fields[0] is state (field 3); ppid is field 4, utime 14, stime 15 (1-based).
-    return int(fields[1]), int(fields[11]) + int(fields[12])
+    return int(fields[1]), int(fields[11]), int(fields[12])
 
 
 def process_table() -> dict[int, int]:
@@ -117,20 +118,36 @@ def descendants(roots: Iterable[int], table: Mapping[int, int] | None = None) ->
     return found
 
 
-def cpu_ticks(pids: Iterable[int]) -> dict[int, int]:
-    """utime+stime (all threads) of each pid still alive."""
-    out: dict[int, int] = {}
+class Cpu(NamedTuple):
+    """CPU time in seconds, split: user space (the backend's own code, and for Python peers the
+    interpreter) and kernel (syscalls, wake-ups). The split tells which side a gap is on."""
+
+    user: float
+    system: float
+
+    @property
+    def total(self) -> float:
+        return self.user + self.system
+
+
+def cpu_ticks(pids: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """(utime, stime) (all threads) of each pid still alive."""
+    out: dict[int, tuple[int, int]] = {}
     for pid in pids:
         stat = _read_stat(pid)
         if stat is not None:
-            out[pid] = stat[1]
+            out[pid] = stat[1], stat[2]
     return out
 
 
-def cpu_seconds_between(before: Mapping[int, int], after: Mapping[int, int]) -> float:
+def cpu_between(
+    before: Mapping[int, tuple[int, int]], after: Mapping[int, tuple[int, int]]
+) -> Cpu:
     """CPU the processes alive in both samples used in between (a process that died is lost)."""
-    ticks = sum(after[pid] - before[pid] for pid in before if pid in after)
-    return ticks / CLK_TCK
+    alive = [pid for pid in before if pid in after]
+    user = sum(after[pid][0] - before[pid][0] for pid in alive)
+    system = sum(after[pid][1] - before[pid][1] for pid in alive)
+    return Cpu(user / CLK_TCK, system / CLK_TCK)
 
 
 def cpu_ns(pids: Iterable[int]) -> int:

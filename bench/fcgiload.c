@@ -345,7 +345,7 @@ static void usage(void) {
             "usage: fcgiload (-s SOCKET | -a HOST:PORT) [-c CONNS] [-d SECONDS] [-n MAX]\n"
             "                [-e EXPECT] [-u URI] [-b BODY_BYTES] [-k] [-q]\n"
             "  -c  concurrent connections (32)      -d  duration in seconds (10)\n"
-            "  -n  stop after MAX requests           -e  string stdout must contain ('' = none)\n"
+            "  -n  exactly MAX requests              -e  string stdout must contain ('' = none)\n"
             "  -u  request URI (/)                   -b  upload a body of that many bytes (POST)\n"
             "  -k  set FCGI_KEEP_CONN and reuse connections (default: flags 0, like nginx)\n"
             "  -q  quiet (only the summary line)\n");
@@ -353,9 +353,9 @@ static void usage(void) {
 }
 
 int main(int argc, char **argv) {
-    int conns = 32, opt, ep, i;
+    int conns = 32, opt, ep, i, active;
     double duration = 10.0, t0, deadline, elapsed;
-    unsigned long long max_requests = 0;
+    unsigned long long max_requests = 0, started;
     const char *sock_path = NULL, *tcp = NULL, *uri = "/";
     size_t body = 0;
     struct conn *cs;
@@ -378,6 +378,9 @@ int main(int argc, char **argv) {
         }
     }
     if ((!sock_path) == (!tcp) || conns < 1 || conns > MAX_CONNS || duration <= 0) usage();
+    /* -n is exact: no more than MAX requests are started, and the ones in flight are finished
+     * (a request left unanswered would still cost the backend work that no count shows). */
+    if (max_requests && max_requests < (unsigned long long)conns) conns = (int)max_requests;
     signal(SIGPIPE, SIG_IGN);
     if (sock_path) {
         set_unix(sock_path);
@@ -411,11 +414,12 @@ int main(int argc, char **argv) {
         }
     }
 
+    started = (unsigned long long)conns;
+    active = conns;
     for (;;) {
         int n, timeout_ms;
         double now = now_s();
-        if (now >= deadline) break;
-        if (max_requests && g_requests >= max_requests) break;
+        if (now >= deadline || active == 0) break;
         timeout_ms = (int)((deadline - now) * 1000) + 1;
         n = epoll_wait(ep, evs, 256, timeout_ms);
         if (n < 0) {
@@ -455,7 +459,8 @@ int main(int argc, char **argv) {
             }
             if (complete) {
                 finish(c, response_ok(c));
-                if (g_keep) {
+                if (g_keep && !(max_requests && started >= max_requests)) {
+                    started++;
                     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.ptr = c};
                     conn_reset(c);
                     epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
@@ -469,6 +474,11 @@ int main(int argc, char **argv) {
                 continue;
             }
             if (now_s() >= deadline) continue;
+            if (max_requests && started >= max_requests) {
+                active--;
+                continue;
+            }
+            started++;
             while (conn_open(c, ep) != 0) {
                 g_errors++;
                 if (now_s() >= deadline) break;
