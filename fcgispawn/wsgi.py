@@ -834,6 +834,16 @@ def _format_exception(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).rstrip("\n")
 
 
+def _only_import_machinery(exc: BaseException) -> bool:
+    """Whether a traceback has no frame of the app's own code: a mistyped --wsgi module, or a
+    missing PYTHONPATH, then gets the one-line message alone, not ten lines of importlib."""
+    return all(
+        frame.filename.startswith("<frozen importlib")
+        or frame.filename in (importlib.__file__, __file__)
+        for frame in traceback.extract_tb(exc.__traceback__)
+    )
+
+
 def _describe(exc: BaseException) -> str:
     """The exception's own line first, then the traceback: web servers cut a long stderr
     line (nginx at ~2 KB), and a traceback ends with what matters most."""
@@ -1063,7 +1073,7 @@ def load_app(spec: str) -> WSGIApplication:
                 spec,
                 f"no module named {exc.name!r} (is its directory on sys.path / PYTHONPATH, "
                 f"or the working directory set with --chdir?)",
-                traceback_text=tb,
+                traceback_text=None if _only_import_machinery(exc) else tb,
             ) from exc
         raise WSGIAppLoadError(
             spec,

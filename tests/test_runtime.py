@@ -183,6 +183,17 @@ def test_app_import_error_exits_1_naming_the_app(procs: ProcessGroup, sockdir: P
     assert "Traceback" in text and "no_such_module_xyz" in text
 
 
+def test_mistyped_app_module_exits_1_with_one_line_and_no_traceback(
+    procs: ProcessGroup, sockdir: Path
+) -> None:
+    proc = _start_on_fd0(procs, sockdir / "m.sock", app="no_such_app_module_xyz:app")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "no_such_app_module_xyz:app" in lines[0] and "PYTHONPATH" in lines[0]
+
+
 def test_missing_callable_exits_1(procs: ProcessGroup, sockdir: Path) -> None:
     proc = _start_on_fd0(procs, sockdir / "c.sock", app="tests.apps.wsgi_apps:nope")
     _, err = proc.communicate(timeout=30)

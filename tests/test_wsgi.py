@@ -1473,6 +1473,21 @@ def test_load_app_missing_module_names_spec_and_hints_at_sys_path(
     assert f"{name}.nothere:app" in str(err)
     assert "sys.path" in str(err)
     assert "\n" not in str(err)
+    assert err.traceback_text is None  # importlib's frames only: nothing of the app's
+
+
+def test_load_app_missing_module_imported_by_a_package_of_the_app_keeps_its_traceback(
+    app_dir: tuple[Path, str],
+) -> None:
+    """The package exists and its __init__ imports the missing submodule: the line that does
+    is the app's, and the traceback shows it."""
+    root, name = app_dir
+    (root / name).mkdir()
+    (root / name / "__init__.py").write_text(f"from {name} import nothere\n")
+    with pytest.raises(WSGIAppLoadError) as info:
+        load_app(f"{name}.nothere:app")
+    assert info.value.traceback_text is not None
+    assert "__init__.py" in info.value.traceback_text
 
 
 def test_load_app_import_error_carries_the_apps_traceback(app_dir: tuple[Path, str]) -> None:
