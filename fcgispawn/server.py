@@ -2245,8 +2245,9 @@ def _fin_in_step(conn: _Conn) -> None:
     END_REQUEST came too late: the wake-up of Apache's thread by END_REQUEST preempts the
     worker between the two syscalls, Apache sends its next request, and it fails when the
     connection closes under it (1 in 250 requests with --max-requests 1000 under load; corked:
-    1 in 1,300). A UNIX socket has nothing like it: there the FIN follows as closely as it
-    can, and the README says so."""
+    1 in 1,300). Linux holds corked data for 200 ms at most: a worker kept off the CPU longer
+    than that between the two sends the FIN apart again. A UNIX socket has nothing like it:
+    there the FIN follows as closely as it can, and the README says so."""
     if conn.family != socket.AF_UNIX and not conn.dead:
         with contextlib.suppress(OSError):
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)

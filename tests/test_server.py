@@ -954,11 +954,13 @@ def _tcp_listener() -> socket.socket:
 
 def _slow_fin(monkeypatch: pytest.MonkeyPatch) -> None:
     """Widen the gap between a last response and the FIN after it (the web server's wake-up
-    preempting the worker there is what let Apache reuse the connection in between)."""
+    preempting the worker there is what let Apache reuse the connection in between). 50 ms:
+    far wider than that preemption, and well below the 200 ms for which Linux holds corked
+    data at most (tcp(7)) -- at 200 ms the test raced that ceiling and failed under load."""
     last_on = Server._last_on
 
     def late(self: Server, conn: Any) -> None:
-        time.sleep(0.2)
+        time.sleep(0.05)
         last_on(self, conn)
 
     monkeypatch.setattr(Server, "_last_on", late)
