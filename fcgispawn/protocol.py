@@ -137,9 +137,10 @@ class ProtocolError(Exception):
 #   headers; nginx refuses more than large_client_header_buffers 4 x 8k = 32 KiB; lighttpd's
 #   server.max-request-field-size defaults to 8 KiB. 1 MiB fits every real server with room to
 #   spare, while a hostile peer cannot make a request hold more.
-# - max_requests_per_conn = 64: no real web server multiplexes (nginx, lighttpd and Apache all
-#   use request id 1, see shared/reference/fastcgi.md), so this only bounds what a hostile or
-#   test peer can pin on one connection: 64 x 1 MiB of PARAMS at worst.
+# - max_requests_per_conn = 64: nginx, lighttpd and Apache never multiplex (they all use
+#   request id 1, see shared/reference/fastcgi.md); HAProxy does (mpxs-conns), up to the
+#   FCGI_MAX_REQS it is told (the server passes its thread count for both). The default only
+#   bounds what a hostile or test peer can pin on one connection: 64 x 1 MiB of PARAMS at worst.
 # - max_conns / max_reqs = 1024: what GET_VALUES reports; 1024 matches the default listen
 #   backlog, and the server passes its real numbers.
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from fcgispawn.protocol import (
     CLOSING_MARK,
     ClientConnection,
     EndRequest,
+    GetValuesResult,
     ProtocolStatus,
     RecordType,
     Role,
@@ -34,6 +35,7 @@ from fcgispawn.protocol import (
     StdoutData,
     encode_abort_request,
     encode_begin_request,
+    encode_get_values,
     encode_pairs,
     encode_record,
     encode_request,
@@ -324,6 +326,109 @@ def test_multiplexed_requests_with_bodies_do_not_mix(start: Start) -> None:
         assert [r.body for r in responses] == bodies
         # the connection is still usable afterwards
         assert client.request(_get("/hello"), keep_conn=True).body == b"Hello, World!"
+
+
+def _pairs(params: dict[str, str]) -> dict[bytes, bytes]:
+    return {k.encode(): v.encode() for k, v in params.items()}
+
+
+def _read_events(
+    sock: socket.socket, conn: ClientConnection, until: Callable[[list[Any]], bool]
+) -> list[Any]:
+    events: list[Any] = []
+    while not until(events):
+        chunk = sock.recv(65536)
+        assert chunk, f"closed early: {events}"
+        events += conn.receive(chunk)
+    return events
+
+
+def _ended(rid: int) -> Callable[[list[Any]], bool]:
+    return lambda events: any(isinstance(e, EndRequest) and e.request_id == rid for e in events)
+
+
+def _ask_values(sock: socket.socket, conn: ClientConnection) -> None:
+    """What HAProxy (option get-values) sends first on each connection."""
+    sock.sendall(encode_get_values([b"FCGI_MPXS_CONNS", b"FCGI_MAX_REQS"]))
+    _read_events(sock, conn, lambda evs: any(isinstance(e, GetValuesResult) for e in evs))
+
+
+@pytest.mark.parametrize("peer", ["get-values", "numbered"])
+def test_a_request_multiplexed_onto_a_busy_connection_runs_at_once(
+    start: Start, peer: str
+) -> None:
+    """HAProxy (mpxs-conns) sends its next request on a connection whose request still runs.
+    It was read only when that request ended: a /hello sent 50 ms after a 1.5 s request was
+    answered after 1.5 s, although GET_VALUES said FCGI_MPXS_CONNS=1 and a thread was free.
+    HAProxy asks GET_VALUES first on each connection (get-values), and numbers its requests
+    1, 3, 5, ...; either tells that it multiplexes (nginx and the others do neither)."""
+    run = start(threads=2)
+    assert isinstance(run.address, str)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(run.address)
+        conn = ClientConnection()
+        if peer == "get-values":
+            _ask_values(sock, conn)
+        else:  # a first request answered, then the next numbers
+            sock.sendall(encode_request(1, _pairs(_get("/hello")), keep_conn=True))
+            _read_events(sock, conn, _ended(1))
+        slow, fast = (1, 3) if peer == "get-values" else (3, 5)
+        sock.sendall(encode_request(slow, _pairs(_get("/slow", "s=1.5")), keep_conn=True))
+        time.sleep(0.05)  # the slow one runs
+        t0 = time.monotonic()
+        sock.sendall(encode_request(fast, _pairs(_get("/hello")), keep_conn=True))
+        events = _read_events(sock, conn, _ended(fast))
+        assert time.monotonic() - t0 < 0.75, "the second request waited for the first"
+        assert not _ended(slow)(events)
+        assert b"Hello, World!" in b"".join(
+            e.data for e in events if isinstance(e, StdoutData) and e.request_id == fast
+        )
+        events += _read_events(sock, conn, _ended(slow))
+        assert b"slept" in b"".join(
+            e.data for e in events if isinstance(e, StdoutData) and e.request_id == slow
+        )
+        # and the connection goes on serving
+        sock.sendall(encode_request(7, _pairs(_get("/hello")), keep_conn=True))
+        _read_events(sock, conn, _ended(7))
+
+
+def _drip(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """A byte every 0.1 s for 3 s (a slow stream), or /slow's answer."""
+    if environ["PATH_INFO"] != "/drip":
+        return wsgi_apps.app(environ, start_response)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+
+    def body() -> Iterator[bytes]:
+        for _ in range(30):
+            yield b"x"
+            time.sleep(0.1)
+
+    return body()
+
+
+def test_get_values_and_abort_are_read_while_a_request_runs(start: Start) -> None:
+    """Management records and ABORT_REQUEST on a connection whose request runs are answered
+    then, not after it: GET_VALUES at once, and a streaming response stops at the abort (it
+    was read only after the app's 3 s, which sent all 30 chunks)."""
+    run = start(_drip, threads=2)
+    assert isinstance(run.address, str)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(run.address)
+        conn = ClientConnection()
+        _ask_values(sock, conn)
+        sock.sendall(encode_request(1, _pairs(_get("/drip")), keep_conn=True))
+        _read_events(sock, conn, lambda evs: any(isinstance(e, StdoutData) for e in evs))
+        t0 = time.monotonic()
+        sock.sendall(encode_get_values([b"FCGI_MPXS_CONNS"]))
+        _read_events(sock, conn, lambda evs: any(isinstance(e, GetValuesResult) for e in evs))
+        assert time.monotonic() - t0 < 0.75, "GET_VALUES waited for the running request"
+        t0 = time.monotonic()
+        sock.sendall(encode_abort_request(1))
+        events = _read_events(sock, conn, _ended(1))
+        assert time.monotonic() - t0 < 0.75, "the abort waited for the app's whole stream"
+        assert sum(len(e.data) for e in events if isinstance(e, StdoutData)) < 10
 
 
 def test_more_concurrent_ids_than_threads_get_overloaded(start: Start) -> None:
