@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(
   python3 python3-venv python3-dev gcc make pkg-config libsystemd-dev
-  nginx-light lighttpd apache2 libapache2-mod-fcgid php-cgi
+  nginx-light lighttpd apache2 libapache2-mod-fcgid php-cgi haproxy
   libfcgi-bin libfcgi-dev spawn-fcgi systemd
   mandoc groff-base iproute2 procps curl wrk strace
 )

@@ -168,7 +168,8 @@ def test_man_page_has_the_sections_an_operator_looks_for() -> None:
     for sig in ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGTTIN", "SIGTTOU", "SIGUSR1"):
         assert sig in signals
     examples = _roff_to_text("\n".join(sections["EXAMPLES"]))
-    for server in ("fastcgi_pass", "bin-path", "ProxyPass", "FcgidWrapper", "systemctl"):
+    servers = ("fastcgi_pass", "bin-path", "ProxyPass", "FcgidWrapper", "fcgi-app", "systemctl")
+    for server in servers:
         assert server in examples
 
 
@@ -442,7 +443,8 @@ def test_package_installs_the_man_page_units_and_examples() -> None:
     }
     expected = {"share/man/man1/fcgispawn.1"}
     expected |= {f"share/fcgispawn/units/{name}" for name in (*SHIPPED_UNITS, "example.conf")}
-    expected |= {f"share/fcgispawn/examples/{p.name}" for p in EXAMPLES.glob("*.conf")}
+    configs = (*EXAMPLES.glob("*.conf"), *EXAMPLES.glob("*.cfg"))
+    expected |= {f"share/fcgispawn/examples/{p.name}" for p in configs}
     assert expected <= installed, sorted(expected - installed)
     for srcs in data_files.values():
         for src in srcs:

@@ -10,8 +10,9 @@ so that the docs and the tests cannot drift apart:
   nginx configured by ``examples/nginx.conf``; the sd_notify datagrams it sends to a
   NOTIFY_SOCKET the test owns are checked around a reload (ExecReload) and a stop (KillSignal);
 - ``fcgispawn-bind@.service``'s ExecStart binds its own socket as www-data (User=/Group=);
-- lighttpd (``bin-path`` and ``socket`` forms), Apache mod_proxy_fcgi (TCP and UNIX forms) and
-  Apache mod_fcgid serve the app through the example configs.
+- lighttpd (``bin-path`` and ``socket`` forms), Apache mod_proxy_fcgi (TCP and UNIX forms),
+  Apache mod_fcgid and HAProxy (as is, and multiplexing) serve the app through the example
+  configs.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import socket
 import stat
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -66,7 +68,7 @@ import os
 
 
 def app(environ, start_response):
-    keys = ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "REQUEST_METHOD")
+    keys = ("SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "REQUEST_METHOD", "SERVER_NAME")
     info = {k: environ.get(k) for k in keys}
     info["pid"] = os.getpid()
     body = ("Hello from fcgispawn\\n" + json.dumps(info) + "\\n").encode()
@@ -312,6 +314,26 @@ def start_apache(
     )
     servers.wait_tcp("127.0.0.1", port, what="apache", proc=proc)
     return HttpServer("apache", port, proc, prefix, error_log)
+
+
+def start_haproxy(servers: Servers, sections: str) -> HttpServer:
+    """HAProxy with the example's sections, after the global and defaults sections Debian's
+    /etc/haproxy/haproxy.cfg has (log to stderr here, into the test's log book)."""
+    binary = require_binary("haproxy", "haproxy")
+    prefix = servers.workdir / servers.unique("haproxy")
+    prefix.mkdir()
+    port = free_port()
+    assert "    bind :80\n" in sections, "examples/haproxy.cfg has no 'bind :80': update this test"
+    sections = sections.replace("    bind :80\n", f"    bind 127.0.0.1:{port}\n")
+    (prefix / "haproxy.cfg").write_text(
+        "global\n    log stderr format raw local0\n"
+        "defaults\n    mode http\n    log global\n    option httplog\n"
+        "    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n"
+        f"{sections}"
+    )
+    proc = servers.start("haproxy", [binary, "-db", "-f", str(prefix / "haproxy.cfg")])
+    servers.wait_tcp("127.0.0.1", port, what="haproxy", proc=proc)
+    return HttpServer("haproxy", port, proc, prefix, prefix / "haproxy.cfg")
 
 
 def start_fcgispawn(
@@ -593,3 +615,88 @@ def test_apache_fcgid_recipe_spawns_fcgispawn_wsgi_as_www_data(
     assert (info["SCRIPT_NAME"], info["PATH_INFO"], info["QUERY_STRING"]) == ("", "/a/b", "x=1")
     served_by = int(str(info["pid"]))
     assert pwd.getpwuid(os.stat(f"/proc/{served_by}").st_uid).pw_name == WEB_USER
+
+
+# --------------------------------------------------------------------------------------------
+# HAProxy
+
+
+def haproxy_recipe(port: int, appdir: Path, **more: str) -> str:
+    """examples/haproxy.cfg on our ports and app dir; ``more``: an example line -> that line
+    followed by more lines (the options the example's comments describe)."""
+    text = render("haproxy.cfg", {"127.0.0.1:9000": f"127.0.0.1:{port}", "/srv/myapp": str(appdir)})
+    for line, added in more.items():
+        assert line in text, f"examples/haproxy.cfg no longer has {line!r}: update this test"
+        text = text.replace(line, line + added)
+    return text
+
+
+def test_haproxy_recipe_mounts_the_app_at_the_root_over_kept_tcp_connections(
+    servers: Servers, appdir: Path
+) -> None:
+    port = free_port()
+    start_fcgispawn(servers, ["-p", str(port), "-F", "2", "--wsgi", "myapp:app"], appdir, port=port)
+    haproxy = start_haproxy(servers, haproxy_recipe(port, appdir))
+    info = get(haproxy, "/a/b?x=1")
+    assert (info["SCRIPT_NAME"], info["PATH_INFO"], info["QUERY_STRING"]) == ("", "/a/b", "x=1")
+    assert info["SERVER_NAME"] == "127.0.0.1"  # the Host header without its port
+    assert get(haproxy, "/")["PATH_INFO"] == "/"
+
+
+SLOWAPP_SOURCE = """\
+import time
+
+
+def app(environ, start_response):
+    seconds = float(environ["QUERY_STRING"] or 0)
+    time.sleep(seconds)
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+"""
+
+
+def test_haproxy_multiplexing_runs_a_request_next_to_slow_ones_on_the_same_connection(
+    servers: Servers, appdir: Path
+) -> None:
+    """HAProxy with get-values and mpxs-conns, as the example's comment says, to a worker with
+    four threads: it puts requests on a connection whose request still runs. Those waited for
+    the slow one (up to 1.8 s for a fast request next to three 2 s ones); they must run on a
+    free thread at once."""
+    (appdir / "slowapp.py").write_text(SLOWAPP_SOURCE)
+    port = free_port()
+    start_fcgispawn(
+        servers, ["-p", str(port), "-F", "1", "--threads", "4", "--wsgi", "slowapp:app"],
+        appdir, port=port,
+    )  # fmt: skip
+    haproxy = start_haproxy(
+        servers,
+        haproxy_recipe(
+            port,
+            appdir,
+            **{
+                "    option keep-conn\n": "    option get-values\n    option mpxs-conns\n",
+                "    use-fcgi-app myapp\n": "    http-reuse always\n",
+            },
+        ),
+    )
+    assert haproxy.get("/?0").status == 200  # a connection open, its GET_VALUES answered
+    results: dict[str, list[tuple[int, float]]] = {"slow": [], "fast": []}
+
+    def fetch(kind: str, target: str) -> None:
+        t0 = time.monotonic()
+        status = haproxy.get(target, timeout=20).status
+        results[kind].append((status, time.monotonic() - t0))
+
+    slow = [threading.Thread(target=fetch, args=("slow", "/?2")) for _ in range(3)]
+    for t in slow:
+        t.start()
+    time.sleep(0.3)
+    fast = [threading.Thread(target=fetch, args=("fast", "/?0")) for _ in range(8)]
+    for t in fast:
+        t.start()
+    for t in slow + fast:
+        t.join(30)
+    assert [s for s, _ in results["slow"]] == [200] * 3
+    assert [s for s, _ in results["fast"]] == [200] * 8
+    worst = max(d for _, d in results["fast"])
+    assert worst < 1.0, f"a fast request waited {worst:.2f} s behind a slow one"
