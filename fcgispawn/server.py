@@ -361,11 +361,12 @@ class _Output:
     the web server aborted the request or is gone (a plain attribute: send() tests it on every
     chunk)."""
 
-    __slots__ = ("aborted", "defer", "pending", "pending_bytes", "rid", "server")
+    __slots__ = ("aborted", "cut", "defer", "pending", "pending_bytes", "rid", "server")
 
     server: Server
     rid: int
     aborted: bool
+    cut: bool  # set by run_app: the response was cut short (see wsgi.Batching)
     defer: bool
     pending: list[Buffer]
     pending_bytes: int
@@ -423,6 +424,7 @@ class _Req(_Output):
         self.data_done = role is not _FILTER
         self.discarding = False  # the unread rest of the body is dropped (see drainer)
         self.aborted = False
+        self.cut = False
         self.defer = False
         self.pending: list[Buffer] = []
         self.pending_bytes = 0
@@ -542,6 +544,7 @@ class _Whole(_Output):
         self.closing = False  # True: the last response on a kept one (CLOSING_MARK)
         self.rid = rid
         self.defer = False
+        self.cut = False
         self.pending = []
         self.pending_bytes = 0
         self.aborted = False  # the connection failed: nothing more is written
@@ -569,9 +572,23 @@ class _Whole(_Output):
             self.stderr_used = True
             self._write(records)
 
+    def _cut(self) -> None:
+        """A response cut short (see wsgi.Batching): what is pending, then no END_REQUEST; the
+        connection is closed (a kept one by its owner, who sees ``aborted``)."""
+        self.aborted = True
+        if self.pending:
+            with contextlib.suppress(OSError):
+                _write_all(
+                    self.fd, frame_stream(self.rid, self.pending), self.server.io_timeout,
+                    None, self.blocking,
+                )  # fmt: skip
+        _break_off(self.fd, self.server._family)
+
     def finish(self, app_status: int) -> None:
         """What is pending + the end of the streams + END_REQUEST, then close (unless kept)."""
         # (try/except, not contextlib.suppress: that costs ~0.5 us, on every request)
+        if self.cut and not self.aborted:
+            self._cut()
         if not self.aborted:
             tail = encode_response(self.rid, self.pending, app_status, stderr_used=self.stderr_used)
             if self.closing:  # the kept connection is closed next (see _serve_whole)
@@ -2214,12 +2231,22 @@ class Server:
         )
 
     def _end(self, conn: _Conn, req: _Req, status: int) -> None:
-        """Send what is pending plus END_REQUEST; a dead connection just counts the request."""
+        """Send what is pending plus END_REQUEST; a dead connection just counts the request.
+        A response cut short (see wsgi.Batching) gets what is pending and no END_REQUEST: the
+        connection is closed, unless other requests share it (then only its app status says
+        so)."""
         if conn.shared:
             with conn.lock:
                 conn.served += 1
         else:
             conn.served += 1
+        if req.cut and not conn.dead and not conn.reqs:
+            if req.pending:
+                rest = conn.frame(req.rid, b"".join(req.pending), stderr=False)
+                with contextlib.suppress(OSError):
+                    conn.write(rest, self.io_timeout)
+            _break_off(conn.fd, conn.family)
+            self._kill(conn)
         if conn.dead:
             with contextlib.suppress(ValueError):
                 if conn.shared:
@@ -2452,6 +2479,25 @@ def _bound_blocking(fd: int, option: int, timeout: float) -> bool:
     except OSError:
         return False
     return True
+
+
+def _break_off(fd: int, family: int) -> None:
+    """Make the close of a connection whose response was cut short (see wsgi.Batching) an
+    abortive one on TCP: a reset, which every web server reports as an upstream error and
+    passes on as a broken response. nginx without fastcgi_keep_conn takes a plain EOF there for
+    the end of the response, and ended a chunked one as if whole. A UNIX socket has no reset."""
+    if family == socket.AF_UNIX:
+        return
+    sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def _socket_for(fd: int, family: int) -> socket.socket:

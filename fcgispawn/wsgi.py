@@ -690,6 +690,7 @@ class _Response:
     """
 
     __slots__ = (
+        "cut",
         "declared",
         "errors",
         "head",
@@ -717,6 +718,7 @@ class _Response:
         self.declared: int | None = None  # the Content-Length header's value
         self.remaining: int | None = None  # Content-Length bytes still allowed
         self.overflow = False  # the app produced more than its Content-Length
+        self.cut = False  # the response started, and the app failed before its end
         self.send_error: OSError | None = None  # why send() failed: the peer is gone
 
     @property
@@ -852,9 +854,15 @@ def _describe(exc: BaseException) -> str:
 
 
 class Batching(Protocol):
-    """What ``run_app`` tells a server that may coalesce sends (see ``run_app``)."""
+    """What ``run_app`` tells a server that may coalesce sends (see ``run_app``), and that
+    ``cut`` a response short: it started, and the app failed before its end (an exception
+    after the head went out, or fewer body bytes than its Content-Length). END_REQUEST's app
+    status cannot tell a web server so (nginx, Apache and HAProxy ignore it, and end a
+    chunked response as if complete): the server closes the connection instead, which they
+    all pass on to the client as a broken response, as gunicorn closes its client's."""
 
     defer: bool
+    cut: bool
 
 
 def run_app(
@@ -878,7 +886,8 @@ def run_app(
     ``batching.defer`` is set True when the app returned a list, tuple or file_wrapper: no app
     code runs between its chunks, so the server may hold them and write them together with
     what ends the response (PEP 3333 forbids holding a chunk back only while the app computes
-    the next one: a generator's chunks must go out as they come).
+    the next one: a generator's chunks must go out as they come). ``batching.cut`` is set True
+    when the response was cut short (see Batching).
     """
     errors = environ.get("wsgi.errors")
     resp = _Response(send, log, errors)
@@ -925,11 +934,13 @@ def run_app(
         log(f"client went away before the response was complete: {resp.send_error!r}")
     elif resp.remaining and not failed and _has_body(environ, resp.head):
         # The web server cannot tell a cut-short body from a client's slow one: say it here.
-        failed = True
+        failed = resp.cut = True
         resp.report(
             f"error in the WSGI application: it sent {resp.declared - resp.remaining} of the "  # type: ignore[operator]
             f"{resp.declared} body bytes its Content-Length header announced"
         )
+    if resp.cut and batching is not None:
+        batching.cut = True
     return 1 if failed or resp.overflow or resp.send_error is not None else 0
 
 
@@ -1005,6 +1016,7 @@ def _report(resp: _Response, exc: Exception) -> None:
         resp.log(f"error in the WSGI application after the client went away: {_describe(exc)}")
         return
     if resp.head_sent:
+        resp.cut = not resp.head_only
         resp.report(
             "error in the WSGI application after the response started; it is truncated: "
             + _describe(exc)

@@ -7,6 +7,7 @@ Signals and process exit are covered in test_runtime.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -353,6 +354,18 @@ def _ask_values(sock: socket.socket, conn: ClientConnection) -> None:
     _read_events(sock, conn, lambda evs: any(isinstance(e, GetValuesResult) for e in evs))
 
 
+@contextlib.contextmanager
+def _multiplexer(run: Running) -> Iterator[tuple[socket.socket, ClientConnection]]:
+    """A connection opened as HAProxy with get-values and mpxs-conns opens one."""
+    assert isinstance(run.address, str)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(run.address)
+        conn = ClientConnection()
+        _ask_values(sock, conn)
+        yield sock, conn
+
+
 @pytest.mark.parametrize("peer", ["get-values", "numbered"])
 def test_a_request_multiplexed_onto_a_busy_connection_runs_at_once(
     start: Start, peer: str
@@ -412,12 +425,7 @@ def test_get_values_and_abort_are_read_while_a_request_runs(start: Start) -> Non
     then, not after it: GET_VALUES at once, and a streaming response stops at the abort (it
     was read only after the app's 3 s, which sent all 30 chunks)."""
     run = start(_drip, threads=2)
-    assert isinstance(run.address, str)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(run.address)
-        conn = ClientConnection()
-        _ask_values(sock, conn)
+    with _multiplexer(run) as (sock, conn):
         sock.sendall(encode_request(1, _pairs(_get("/drip")), keep_conn=True))
         _read_events(sock, conn, lambda evs: any(isinstance(e, StdoutData) for e in evs))
         t0 = time.monotonic()
@@ -429,6 +437,79 @@ def test_get_values_and_abort_are_read_while_a_request_runs(start: Start) -> Non
         events = _read_events(sock, conn, _ended(1))
         assert time.monotonic() - t0 < 0.75, "the abort waited for the app's whole stream"
         assert sum(len(e.data) for e in events if isinstance(e, StdoutData)) < 10
+
+
+def _cutting(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """/cut: a chunk, then an exception; /short: 10 of 100 Content-Length bytes (a list,
+    held back and sent with the end); anything else as wsgi_apps.app."""
+    path = environ["PATH_INFO"]
+    if path == "/cut":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body() -> Iterator[bytes]:
+            yield b"first chunk"
+            raise RuntimeError("the database went away")
+
+        return body()
+    if path == "/short":
+        start_response("200 OK", [("Content-Length", "100")])
+        return [b"x" * 10]
+    return wsgi_apps.app(environ, start_response)
+
+
+def _stdout(events: list[Any], rid: int = 1) -> bytes:
+    return b"".join(e.data for e in events if isinstance(e, StdoutData) and e.request_id == rid)
+
+
+@pytest.mark.parametrize("keep_conn", [False, True])
+@pytest.mark.parametrize(("path", "sent"), [("/cut", b"first chunk"), ("/short", b"x" * 10)])
+def test_a_response_cut_short_ends_in_a_closed_connection_not_an_end_request(
+    start: Start, keep_conn: bool, path: str, sent: bytes
+) -> None:
+    """END_REQUEST's app status is all a web server got when an app failed after its response
+    started, and nginx, Apache and HAProxy ignore it: they ended a chunked response as if it
+    were whole (HAProxy gave curl a 200 with 8 bytes and exit status 0). The connection is
+    closed instead, after what the app sent, so the web server passes the break on."""
+    run = start(_cutting, threads=1)
+    assert isinstance(run.address, str)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(run.address)
+        sock.sendall(encode_request(1, _pairs(_get(path)), keep_conn=keep_conn))
+        events = ClientConnection().receive(_until_eof(sock))
+    assert sent in _stdout(events)
+    assert not any(isinstance(e, EndRequest) for e in events)
+    assert any("truncated" in line or "body bytes" in line for line in run.logs)
+    assert run.client().request(_get("/hello")).body == b"Hello, World!"  # serving on
+
+
+def test_a_response_cut_short_over_tcp_ends_in_a_reset(start: Start) -> None:
+    """nginx without fastcgi_keep_conn takes an EOF for the end of a response: over TCP the
+    close of a response cut short is a reset, which it reports and passes on as an error."""
+    run = start(_cutting, threads=1, listener=_tcp_listener())
+    with socket.create_connection(run.address, timeout=10) as sock:  # type: ignore[arg-type]
+        sock.sendall(encode_request(1, _pairs(_get("/cut"))))
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(65536):
+                pass
+    assert run.client().request(_get("/hello")).body == b"Hello, World!"
+
+
+def test_a_response_cut_short_next_to_other_requests_ends_with_app_status_1(
+    start: Start,
+) -> None:
+    """On a connection other requests share, closing it would break them too: the cut one
+    then ends with app status 1, and the others are answered."""
+    run = start(_cutting, threads=2)
+    with _multiplexer(run) as (sock, conn):
+        sock.sendall(encode_request(1, _pairs(_get("/slow", "s=0.5")), keep_conn=True))
+        time.sleep(0.1)
+        sock.sendall(encode_request(3, _pairs(_get("/cut")), keep_conn=True))
+        events = _read_events(sock, conn, _ended(3))
+        end = next(e for e in events if isinstance(e, EndRequest) and e.request_id == 3)
+        assert end.app_status == 1
+        events += _read_events(sock, conn, _ended(1))
+        assert _stdout(events, 1).endswith(b"slept")
 
 
 def test_more_concurrent_ids_than_threads_get_overloaded(start: Start) -> None:

@@ -161,9 +161,12 @@ def serve(
 class Closing:
     """A response iterable that counts close() calls and how far it was iterated."""
 
-    def __init__(self, chunks: Sequence[bytes], *, fail_at: int | None = None) -> None:
+    def __init__(
+        self, chunks: Sequence[bytes], *, fail_at: int | None = None, fail_in_close: bool = False
+    ) -> None:
         self.chunks = chunks
         self.fail_at = fail_at
+        self.fail_in_close = fail_in_close
         self.closed = 0
         self.yielded = 0
 
@@ -176,6 +179,8 @@ class Closing:
 
     def close(self) -> None:
         self.closed += 1
+        if self.fail_in_close:
+            raise RuntimeError("boom in close")
 
 
 def hello(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -1200,6 +1205,51 @@ def test_a_body_shorter_than_its_content_length_is_reported(
     assert out.status == (1 if reported else 0)
 
 
+def _cut_cases() -> dict[str, tuple[WSGIApplication, bool]]:
+    def raises_mid_stream(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        start_response("200 OK", TEXT)
+        return Closing([b"first", b"second"], fail_at=1)
+
+    def short_body(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        start_response("200 OK", [("Content-Length", "100")])
+        return [b"x" * 10]
+
+    def raises_first(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        raise RuntimeError("before anything")
+
+    def close_fails(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        start_response("200 OK", [("Content-Length", "5")])
+        return Closing([b"whole"], fail_in_close=True)
+
+    def overflows(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        start_response("200 OK", [("Content-Length", "3")])
+        return [b"first"]
+
+    return {
+        "raises mid-stream": (raises_mid_stream, True),
+        "short of its Content-Length": (short_body, True),
+        "raises first (a whole 500)": (raises_first, False),
+        "close() fails after it all": (close_fails, False),
+        "more than its Content-Length (cut to it)": (overflows, False),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cut_cases()))
+def test_run_app_tells_the_server_when_a_response_was_cut_short(case: str) -> None:
+    """Only a response that started and did not end (see wsgi.Batching) is ``cut``: the
+    server closes the connection instead of ending it as if whole. A failure before anything
+    was sent is a whole 500; a failing close() or a body cut to its Content-Length leave the
+    client a whole response; all of them have app status 1."""
+    app, cut = _cut_cases()[case]
+    sink = _Deferred()
+    status = run_app(app, environ_for(None), sink.send, log=lambda _: None, batching=sink)
+    assert status == 1
+    assert sink.cut is cut
+    head = _Deferred()
+    run_app(app, environ_for({b"REQUEST_METHOD": b"HEAD"}), head.send, lambda _: None, head)
+    assert head.cut is False  # a HEAD's head is all of it
+
+
 @pytest.mark.parametrize("kind", ["list", "write", "file", "endless"])
 def test_a_head_request_gets_the_head_and_no_body(kind: str) -> None:
     """A HEAD's body goes nowhere (every web server drops it, nginx closes once it has the
@@ -1622,6 +1672,7 @@ class _Deferred:
 
     def __init__(self) -> None:
         self.defer = False
+        self.cut = False
         self.defer_at_first_send: bool | None = None
 
     def send(self, bufs: list[bytes]) -> None:

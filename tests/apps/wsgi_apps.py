@@ -17,6 +17,7 @@ plain PEP 3333 callable, standard library only:
                       (``?mib=N`` changes the size); ``STREAM_CHUNK``/``stream_bytes()`` for checks
 * ``slow``         -- sleeps ``?s=SECONDS`` (default 1), then answers ``slept``
 * ``raises``       -- raises ``RuntimeError("boom")`` before start_response (expect 500)
+* ``cut``          -- ``200``, one chunk, then ``RuntimeError("cut short")`` (a broken response)
 * ``environ_json`` -- the CGI/WSGI environ (str values only) as JSON, plus ``wsgi.multithread``,
                       ``wsgi.multiprocess``, ``wsgi.url_scheme`` and ``pid``
 * ``stderr``       -- writes ``logged to wsgi.errors`` to ``wsgi.errors``, answers ``ok``
@@ -26,7 +27,7 @@ plain PEP 3333 callable, standard library only:
 * ``big_list``     -- ``stream_bytes(mib)`` (default 3) returned as ``[body]``
 * ``app``          -- all of the above behind one router on ``SCRIPT_NAME + PATH_INFO``:
                       ``/hello``, ``/echo``, ``/echo_stream``, ``/echo_sha256``, ``/query``,
-                      ``/cookies``, ``/stream``, ``/slow``, ``/raises``, ``/environ``,
+                      ``/cookies``, ``/stream``, ``/slow``, ``/raises``, ``/cut``, ``/environ``,
                       ``/stderr``, ``/sys_exit``, ``/roles``, ``/file``, ``/big_list``;
                       anything else is a 404
 """
@@ -136,6 +137,12 @@ def raises(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     raise RuntimeError("boom")
 
 
+def cut(environ: Environ, start_response: StartResponse) -> Iterator[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"first chunk\n"
+    raise RuntimeError("cut short")
+
+
 def environ_json(environ: Environ, start_response: StartResponse) -> list[bytes]:
     data: dict[str, Any] = {k: v for k, v in environ.items() if isinstance(v, str)}
     for key in ("wsgi.multithread", "wsgi.multiprocess", "wsgi.run_once"):
@@ -187,6 +194,7 @@ _ROUTES: dict[str, Callable[[Environ, StartResponse], Iterable[bytes]]] = {
     "/stream": stream,
     "/slow": slow,
     "/raises": raises,
+    "/cut": cut,
     "/environ": environ_json,
     "/stderr": stderr,
     "/sys_exit": sys_exit,

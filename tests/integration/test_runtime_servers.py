@@ -19,9 +19,11 @@ without cross-talk). Then nginx with ``fastcgi_keep_conn on``, multiplexed reque
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -250,6 +252,29 @@ def test_an_app_exception_lands_in_the_web_servers_error_log(servers: Servers, k
     wanted = "error in the WSGI application, answering 500: RuntimeError: boom"
     assert wait_until(lambda: wanted in server.error_log.read_text(errors="replace"), timeout=5)
     assert server.get("/hello").status == 200
+
+
+@pytest.mark.parametrize("kind", ["nginx-tcp", "nginx-keep-conn", "apache"])
+def test_a_response_the_app_broke_off_reaches_the_client_broken(
+    servers: Servers, kind: str
+) -> None:
+    """An app that fails after its response started: the web server must pass the break on,
+    not end the response as if whole (a chunked one looked complete to the client). nginx
+    without fastcgi_keep_conn takes an EOF for the end: over TCP a reset tells it; over a
+    UNIX socket nothing can (documented). lighttpd ends such a response with a close anyway."""
+    if kind == "nginx-tcp":
+        listener = socket.create_server(("127.0.0.1", 0))
+        _proc, address = servers.runtime_on_fd0(sock=listener)
+    else:
+        _proc, address = servers.runtime_on_fd0()
+    if kind == "apache":
+        server = servers.apache_proxy(f"unix:{address}")
+    else:
+        server = servers.nginx(address, keep_conn=kind == "nginx-keep-conn")
+    with pytest.raises(http.client.IncompleteRead) as broken:  # the 200's head came, then
+        server.get("/cut")
+    assert b"first chunk".startswith(broken.value.partial[:11])  # what nginx had passed on
+    assert server.get("/hello").body == b"Hello, World!"
 
 
 # ---- KEEP_CONN and multiplexing ---------------------------------------------------------------
