@@ -11,13 +11,15 @@ import json
 import os
 import sys
 
-from fcgispawn.config import WORKER_ENV
+from fcgispawn.config import APP_LOAD_EXIT, WORKER_ENV
 
 
 def _worker(spec: str) -> int:
-    from fcgispawn import runtime
-    from fcgispawn.errors import ConfigError, FcgiSpawnError
+    from fcgispawn import runtime, systemd
+    from fcgispawn.errors import AppImportError, ConfigError, FcgiSpawnError
 
+    # (read before runtime.run takes it out of the environment)
+    detached = os.environ.get(systemd.DAEMON_LOG_ENV) == "daemon"
     try:
         try:
             kwargs = json.loads(spec)
@@ -26,6 +28,12 @@ def _worker(spec: str) -> int:
             return runtime.run(**kwargs)
         except (ValueError, TypeError) as exc:  # not what the spawner writes
             raise ConfigError(f"{WORKER_ENV} is not a worker configuration ({exc})") from None
+    except AppImportError as error:
+        # One entry in the supervisor's log, stamped like its other lines, and the status
+        # that makes it give up at once (config.APP_LOAD_EXIT) rather than retry.
+        log = systemd.daemon_log() if detached else systemd.stderr_log
+        log(str(error) + (f"\n{error.detail.rstrip()}" if error.detail else ""))
+        return APP_LOAD_EXIT
     except FcgiSpawnError as error:
         from fcgispawn.cli import fail  # the message format; click is loaded only now
 

@@ -41,6 +41,12 @@ DEFAULT_THREADS = 1
 #: worker, and a preload template, never imports click and the option machinery.
 WORKER_ENV = "FCGISPAWN_WORKER"
 
+#: The exit status of a --wsgi worker (or template) started by fcgispawn's supervisor whose app
+#: cannot be loaded: the supervisor then gives up at once instead of retrying a failure that
+#: repeats (as gunicorn's master halts on its workers' status 3, "failed to boot"). A worker
+#: program run by hand or by a web server exits 1 as documented.
+APP_LOAD_EXIT: Final = 3
+
 
 @dataclass(frozen=True, slots=True)
 class Options:

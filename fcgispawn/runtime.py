@@ -134,13 +134,21 @@ def _signals(server: Server) -> Iterator[None]:
         # USR1: reopen logs (nothing to reopen yet: we log to stderr / the journal).
         pass
 
+    def hangup(signum: int, frame: FrameType | None) -> None:
+        # gunicorn users send HUP to reload: say why nothing happens (supervisord's
+        # [fcgi-program] runs this process alone, and HUP did nothing without a word).
+        server.log(
+            "SIGHUP ignored: a worker process does not reload itself; send HUP to fcgispawn's "
+            "supervisor, or restart this process, to load new code"
+        )
+
     table: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int] = {
         signal.SIGTERM: graceful,
         signal.SIGINT: graceful,
         signal.SIGQUIT: immediate,
         signal.SIGUSR1: ignore,
         signal.SIGUSR2: ignore,  # the supervisor forwards it (multiwatch's convention)
-        signal.SIGHUP: signal.SIG_IGN,
+        signal.SIGHUP: hangup,
     }
     # The server writes with os.writev (no MSG_NOSIGNAL): a peer gone mid-response must be
     # EPIPE, not a fatal SIGPIPE. CPython ignores SIGPIPE at startup; an app may have reset it.

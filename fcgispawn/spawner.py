@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 
 from fcgispawn import client, process, systemd
-from fcgispawn.config import WORKER_ENV, SpawnConfig
+from fcgispawn.config import APP_LOAD_EXIT, WORKER_ENV, SpawnConfig
 from fcgispawn.errors import CrashLoopError, FcgiSpawnError, SocketError
 from fcgispawn.sockets import BindOptions, FdAddress, Listener, adopt_fd, bind, is_listening_socket
 from fcgispawn.supervisor import PassMode, Policy, Readiness, Supervisor, WorkerSpec
@@ -144,6 +144,9 @@ def spawn(cfg: SpawnConfig, *, log: Log, say: Log, daemon_log: Callable[[], Log]
         readiness=Readiness.NOTIFY if cfg.runtime is not None else Readiness.SETTLE,
         # Only the built-in runtime speaks template.py's fork protocol.
         template=cfg.runtime is not None and cfg.preload,
+        cannot_start=(APP_LOAD_EXIT, "the WSGI application cannot be loaded (its error is above)")
+        if cfg.runtime is not None
+        else None,
     )
     policy = Policy(
         workers=cfg.workers,

@@ -210,6 +210,10 @@ class WorkerSpec:
     #: The program can be a fork template (template.py's protocol): it is started once per
     #: generation with TEMPLATE_FD_ENV set, and every worker is forked from it.
     template: bool = False
+    #: (status, message): the exit status with which the program says it cannot start at all
+    #: (a --wsgi worker whose app does not import), and what to tell the user. In a generation
+    #: that never served, the supervisor then gives up at once with the message.
+    cannot_start: tuple[int, str] | None = None
 
     def __post_init__(self) -> None:
         if not self.argv or not self.argv[0]:
@@ -1002,6 +1006,8 @@ class Supervisor:
             return
         self._template = None
         self._log(desc)
+        if not template.up and self._cannot_start(status, template.generation):
+            return
         self._template_failed(template, self._last_exit, crashed=not template.up)
 
     def _template_failed(self, template: _Template | None, reason: str, *, crashed: bool) -> None:
@@ -1305,6 +1311,8 @@ class Supervisor:
                 self._lost(slot, desc)
             case ExitKind.CRASHED:
                 self._log(desc)
+                if self._cannot_start(status, worker.generation):
+                    return
                 if self._ended_normally(worker, status) and self._await_probe(
                     worker.generation, last
                 ):
@@ -1474,6 +1482,23 @@ class Supervisor:
             self._log(f"{desc}; replacing it in {slot.delay:.2f}s")
         slot.delay = next_backoff(slot.delay, self._policy)
 
+    def _cannot_start(self, status: int, generation: int) -> bool:
+        """A worker or template of a generation that never served exited with the status that
+        says its program cannot start at all (spec.cannot_start): give up now. Retrying a
+        failure that repeats only delayed the verdict by the backoff (2-3 s for a mistyped
+        --wsgi module), long enough for supervisord (startsecs=1) to take fcgispawn for
+        started and restart it forever, 51 tracebacks in 22 s; gunicorn halts at once."""
+        spec = self._spec.cannot_start
+        if (
+            spec is None
+            or self._proven(generation)
+            or not os.WIFEXITED(status)
+            or os.WEXITSTATUS(status) != spec[0]
+        ):
+            return False
+        self._fail(CrashLoopError(spec[1]))
+        return True
+
     def _count_crash(self, reason: str) -> bool:
         """Records a startup failure; True if that makes a crash loop (and we gave up)."""
         count = self._crashes.record(time.monotonic())
@@ -1482,7 +1507,7 @@ class Supervisor:
                 CrashLoopError(
                     f"workers keep dying: last {reason}; {count} startup failures within "
                     f"{self._policy.crash_window:g}s",
-                    hint="run the COMMAND by hand to see why it exits",
+                    hint="run the worker command by hand to see why it exits",
                 )
             )
             return True
@@ -1660,10 +1685,11 @@ class Supervisor:
             # must not end in systemd SIGKILLing us (and every request) half-way.
             extend = int((timeout + _ABANDON_AFTER_KILL + 1) * 1_000_000)
             self._notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={extend}")
-        self._log(
-            f"{why}: {'fast' if fast else 'graceful'} stop of {len(self._workers)} worker(s), "
-            f"SIGKILL after {timeout:g}s"
-        )
+        if self._workers:
+            self._log(
+                f"{why}: {'fast' if fast else 'graceful'} stop of {len(self._workers)} "
+                f"worker(s), SIGKILL after {timeout:g}s"
+            )
         for slot in self._slots:
             slot.restart_at = None
             slot.awaiting = slot.awaiting_successor = False

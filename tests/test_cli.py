@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,22 @@ def test_socket_in_use_is_refused_and_left_alone(sockdir: Path) -> None:
         proc = run("-n", "-s", str(path), "--", "/bin/cat")
         assert_one_clear_line(proc, 1, "already in use")
         assert path.exists()
+
+
+@pytest.mark.parametrize("preload", ["--preload", "--no-preload"])
+def test_a_wsgi_app_that_does_not_import_ends_the_pool_at_once(
+    sockdir: Path, preload: str
+) -> None:
+    """As gunicorn halts when a worker fails to boot: one error line from the worker and one
+    from the supervisor, exit 1, no retries. Five tries with backoff took 2-3 s, long enough
+    for supervisord (startsecs=1) to count fcgispawn as started and restart it forever."""
+    t0 = time.monotonic()
+    proc = run("-n", "-s", str(sockdir / "a.sock"), "-F", "2", preload, "--wsgi", "nosuchmod:app")
+    assert time.monotonic() - t0 < 1.5
+    assert_one_clear_line(proc, 1, "fcgispawn: the WSGI application cannot be loaded")
+    assert proc.stderr.count("cannot load WSGI application 'nosuchmod:app'") <= 2  # a worker each
+    assert "starting a new template" not in proc.stderr and "restarting slot" not in proc.stderr
+    assert not (sockdir / "a.sock").exists()
 
 
 def test_detaching_mode_reports_a_crash_loop_before_returning(sockdir: Path) -> None:

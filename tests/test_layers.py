@@ -14,8 +14,10 @@ PKG = Path(__file__).resolve().parent.parent / "fcgispawn"
 #:   exec, and process.py owns those process-wide changes.
 #: - spawner: the wiring between cli and supervisor (bind, identities, detach, pid file), kept
 #:   out of cli.py so that cli.py stays parsing and printing only.
-#: - __main__ -> config, runtime, errors: a --wsgi worker started by the supervisor is served
-#:   from config.WORKER_ENV without cli.py, so workers and templates never import click.
+#: - __main__ -> config, runtime, errors, systemd: a --wsgi worker started by the supervisor is
+#:   served from config.WORKER_ENV without cli.py, so workers and templates never import click;
+#:   an app that does not load is logged there as the worker's other lines are (systemd.py's
+#:   log functions) before the worker exits with config.APP_LOAD_EXIT.
 #: - spawner -> client: the supervisor's pool probe (an FCGI_GET_VALUES on the listener) is
 #:   made there and injected, so that the supervisor itself still knows no FastCGI.
 #: - template: preload mode's fork protocol. The worker side runs in the runtime (which forks
@@ -36,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
     "spawner": {"config", "process", "systemd", "sockets", "supervisor", "client", "errors"},
     "cli": {"config", "errors", "runtime", "spawner", "systemd", "__init__"},
     "__init__": {"server", "runtime"},
-    "__main__": {"cli", "config", "runtime", "errors"},
+    "__main__": {"cli", "config", "runtime", "errors", "systemd"},
 }
 
 

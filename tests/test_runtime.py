@@ -267,6 +267,19 @@ def test_sigusr1_sigusr2_and_sighup_do_not_kill_the_worker(
     assert FastCGIClient(path, timeout=20).request(_get("/hello")).status == 200
 
 
+def test_sighup_says_why_it_does_not_reload(procs: ProcessGroup, sockdir: Path) -> None:
+    """gunicorn users send HUP to reload; a lone worker (supervisord's [fcgi-program], a web
+    server's bin-path) did nothing without a word."""
+    path = sockdir / "h.sock"
+    proc = _start_on_fd0(procs, path)
+    FastCGIClient(path, timeout=20).request(_get("/hello"))
+    proc.send_signal(signal.SIGHUP)
+    assert FastCGIClient(path, timeout=20).request(_get("/hello")).status == 200
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert "SIGHUP ignored: a worker process does not reload itself" in err.decode()
+
+
 def test_max_requests_recycles_with_exit_0(procs: ProcessGroup, sockdir: Path) -> None:
     path = sockdir / "m.sock"
     proc = _start_on_fd0(procs, path, max_requests=3)

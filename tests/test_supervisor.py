@@ -938,6 +938,36 @@ while ctl.recv(64):
 """
 
 
+@pytest.mark.parametrize("template", [True, False])
+def test_a_program_that_says_it_cannot_start_is_given_up_at_once(
+    procs: ProcessGroup, sockdir: Path, template: bool
+) -> None:
+    """The status WorkerSpec.cannot_start names (a --wsgi app that does not import) ends a
+    generation that never served at once, with its message: retrying a failure that repeats
+    took 2-3 s of backoff, and supervisord (startsecs=1) restarted fcgispawn forever. Other
+    statuses still count towards the crash limit."""
+    policy = {"crash_limit": 3, "backoff_initial": 0.05, "crash_window": 10}
+    argv = [sys.executable, "-c", "raise SystemExit(3)"]
+    sup = start(
+        procs, sockdir, argv=argv, template=template, policy=policy, wait_ready=False,
+        cannot_start=[3, "the app cannot be loaded (its error is above)"],
+    )  # fmt: skip
+    assert sup.wait(10) == 1
+    wait_for(lambda: "error:" in sup.log)
+    assert "error: the app cannot be loaded (its error is above)" in sup.log
+    assert sum(" started " in line for line in sup.lines) <= (1 if template else 2)
+    assert "restarting slot" not in sup.log and "new template" not in sup.log
+    (sockdir / "other").mkdir()
+    other = start(
+        procs, sockdir / "other", argv=[sys.executable, "-c", "raise SystemExit(4)"],
+        template=template,
+        policy=policy, wait_ready=False, cannot_start=[3, "the app cannot be loaded"],
+    )  # fmt: skip
+    assert other.wait(10) == 1
+    wait_for(lambda: "error:" in other.log)
+    assert "workers keep dying" in other.log
+
+
 def test_template_exiting_before_ready_is_a_crash_loop_that_names_the_template(
     procs: ProcessGroup, sockdir: Path
 ) -> None:

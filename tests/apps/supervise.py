@@ -8,7 +8,8 @@ sockets.py), builds WorkerSpec/Policy from the config, prints ``READY <pid>`` on
 Config keys: ``socket`` (path), ``argv`` (list), ``env`` (dict, default: os.environ),
 ``pass_mode`` ("fd0"/"systemd"), ``fdname``, ``policy`` (Policy fields), ``user``/``group``
 (through process.resolve_credentials), ``chroot``, ``chdir``, ``readiness`` ("settle"/"notify"),
-``template`` (bool: preload mode, argv is a template program),
+``template`` (bool: preload mode, argv is a template program), ``cannot_start`` ([status,
+message]: WorkerSpec.cannot_start),
 and hygiene probes:
 ``leak_fd`` (open an inheritable fd at 40 before starting), ``block_signal`` (block SIGUSR2 in
 the supervisor's mask). Exit status: run()'s, or 1 with ``error: <message>`` on stderr.
@@ -58,6 +59,7 @@ def main() -> int:
         chdir=config.get("chdir"),
         readiness=Readiness(config.get("readiness", "settle")),
         template=bool(config.get("template", False)),
+        cannot_start=tuple(config["cannot_start"]) if config.get("cannot_start") else None,
     )
     policy = Policy(**config.get("policy", {}))
 
