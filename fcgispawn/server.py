@@ -1760,8 +1760,12 @@ class Server:
         except BaseException as exc:
             self._app_escaped(exc)
             out.aborted = True
+        if out.cut and kept is None:
+            out.cut = not _end_says_more(self._family, False, _marks_understood(environ))
         last = False
         if kept is not None:
+            if out.cut and (kept.mpx or self._mpx_seen):
+                out.cut = False  # app status 1 only, as in _end: a next request may be in flight
             if kept.markable is None:
                 kept.markable = _marks_understood(environ)
             # Stopping: the connection is closed after this response (see _last_on).
@@ -2195,9 +2199,11 @@ class Server:
                 self._app_escaped(exc)
                 self._kill(conn)
         if not req.stdin_done and not conn.dead:
-            if req.keep_conn and not req.aborted:
-                # The web server goes on sending this request's STDIN; records for an ended
-                # request are ignored (spec §3.3), so the connection stays usable.
+            if req.keep_conn:
+                # The web server goes on sending this request's STDIN, or stops after its
+                # ABORT_REQUEST; records for an ended request are ignored (spec §3.3), so the
+                # connection stays usable. (Closing it after an abort lost the requests HAProxy
+                # had multiplexed onto it meanwhile.)
                 pass
             else:
                 conn.stdin_incomplete = True
@@ -2233,14 +2239,22 @@ class Server:
     def _end(self, conn: _Conn, req: _Req, status: int) -> None:
         """Send what is pending plus END_REQUEST; a dead connection just counts the request.
         A response cut short (see wsgi.Batching) gets what is pending and no END_REQUEST: the
-        connection is closed, unless other requests share it (then only its app status says
-        so)."""
+        connection is closed, unless other requests share it or its web server multiplexes
+        (then only its app status says so)."""
         if conn.shared:
             with conn.lock:
                 conn.served += 1
         else:
             conn.served += 1
-        if req.cut and not conn.dead and not conn.reqs:
+        # Not where the web server multiplexes: it may have sent the next request already,
+        # which nobody has read yet (every thread busy) and a close would lose.
+        if (
+            req.cut
+            and not conn.dead
+            and not conn.reqs
+            and not (conn.mpx or self._mpx_seen)
+            and not _end_says_more(conn.family, req.keep_conn, conn.markable)
+        ):
             if req.pending:
                 rest = conn.frame(req.rid, b"".join(req.pending), stderr=False)
                 with contextlib.suppress(OSError):
@@ -2479,6 +2493,15 @@ def _bound_blocking(fd: int, option: int, timeout: float) -> bool:
     except OSError:
         return False
     return True
+
+
+def _end_says_more(family: int, keep_conn: bool, nginx: bool | None) -> bool:
+    """Whether a response cut short is better ended with END_REQUEST than broken off (see
+    _break_off): nginx without fastcgi_keep_conn over a UNIX socket (no reset exists there)
+    takes a close for the end of the response, but at END_REQUEST it checks the body against
+    the Content-Length; given a close, its client waited for the rest of a short body until
+    it timed out."""
+    return family == socket.AF_UNIX and not keep_conn and bool(nginx)
 
 
 def _break_off(fd: int, family: int) -> None:

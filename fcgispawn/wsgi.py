@@ -857,9 +857,10 @@ class Batching(Protocol):
     """What ``run_app`` tells a server that may coalesce sends (see ``run_app``), and that
     ``cut`` a response short: it started, and the app failed before its end (an exception
     after the head went out, or fewer body bytes than its Content-Length). END_REQUEST's app
-    status cannot tell a web server so (nginx, Apache and HAProxy ignore it, and end a
-    chunked response as if complete): the server closes the connection instead, which they
-    all pass on to the client as a broken response, as gunicorn closes its client's."""
+    status cannot tell a web server so (nginx, Apache and HAProxy ignore it, end a chunked
+    response as if complete, and Apache even one short of its Content-Length): the server
+    closes the connection instead, which they pass on to the client as a broken response, as
+    gunicorn closes its client's."""
 
     defer: bool
     cut: bool

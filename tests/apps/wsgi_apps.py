@@ -18,6 +18,7 @@ plain PEP 3333 callable, standard library only:
 * ``slow``         -- sleeps ``?s=SECONDS`` (default 1), then answers ``slept``
 * ``raises``       -- raises ``RuntimeError("boom")`` before start_response (expect 500)
 * ``cut``          -- ``200``, one chunk, then ``RuntimeError("cut short")`` (a broken response)
+* ``short``        -- ``200`` with ``Content-Length: 100`` and 10 body bytes
 * ``environ_json`` -- the CGI/WSGI environ (str values only) as JSON, plus ``wsgi.multithread``,
                       ``wsgi.multiprocess``, ``wsgi.url_scheme`` and ``pid``
 * ``stderr``       -- writes ``logged to wsgi.errors`` to ``wsgi.errors``, answers ``ok``
@@ -27,7 +28,8 @@ plain PEP 3333 callable, standard library only:
 * ``big_list``     -- ``stream_bytes(mib)`` (default 3) returned as ``[body]``
 * ``app``          -- all of the above behind one router on ``SCRIPT_NAME + PATH_INFO``:
                       ``/hello``, ``/echo``, ``/echo_stream``, ``/echo_sha256``, ``/query``,
-                      ``/cookies``, ``/stream``, ``/slow``, ``/raises``, ``/cut``, ``/environ``,
+                      ``/cookies``, ``/stream``, ``/slow``, ``/raises``, ``/cut``, ``/short``,
+                      ``/environ``,
                       ``/stderr``, ``/sys_exit``, ``/roles``, ``/file``, ``/big_list``;
                       anything else is a 404
 """
@@ -143,6 +145,11 @@ def cut(environ: Environ, start_response: StartResponse) -> Iterator[bytes]:
     raise RuntimeError("cut short")
 
 
+def short(environ: Environ, start_response: StartResponse) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
+    return [b"only ten.\n"]
+
+
 def environ_json(environ: Environ, start_response: StartResponse) -> list[bytes]:
     data: dict[str, Any] = {k: v for k, v in environ.items() if isinstance(v, str)}
     for key in ("wsgi.multithread", "wsgi.multiprocess", "wsgi.run_once"):
@@ -195,6 +202,7 @@ _ROUTES: dict[str, Callable[[Environ, StartResponse], Iterable[bytes]]] = {
     "/slow": slow,
     "/raises": raises,
     "/cut": cut,
+    "/short": short,
     "/environ": environ_json,
     "/stderr": stderr,
     "/sys_exit": sys_exit,
