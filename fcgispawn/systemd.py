@@ -17,12 +17,14 @@ import contextlib
 import errno
 import importlib
 import os
+import re
 import socket
 import sys
 import syslog
 import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Final
 
 from fcgispawn.errors import SocketError
 
@@ -35,6 +37,7 @@ __all__ = [
     "listen_env",
     "listen_fds",
     "notify",
+    "priority",
     "stderr_log",
     "watchdog_usec",
 ]
@@ -277,16 +280,64 @@ DAEMON_LOG_ENV = "FCGISPAWN_LOG"
 
 def daemon_log() -> Callable[[str], None]:
     """The log of a process without a terminal (a detached supervisor and its workers): the
-    journal when there is one, else syslog (facility daemon, tagged fcgispawn[PID])."""
+    journal when there is one, else syslog (facility daemon, tagged fcgispawn[PID]), each
+    line at the priority its wording gives (see priority)."""
     if os.path.exists("/run/systemd/journal/socket"):
 
         def journal(message: str) -> None:
-            journal_log(message, syslog.LOG_INFO)
+            journal_log(message, priority(message))
 
         return journal
     syslog.openlog("fcgispawn", syslog.LOG_PID, syslog.LOG_DAEMON)
 
     def to_syslog(message: str) -> None:
-        syslog.syslog(syslog.LOG_INFO, message)
+        syslog.syslog(priority(message), message)
 
     return to_syslog
+
+
+#: Beginnings of fcgispawn's own lines that report a failure (ERR) or something an operator
+#: should look at (WARNING); anything else is INFO.
+_ERR_STARTS: Final = (
+    "giving up",
+    "internal error",
+    "error",
+    "FastCGI protocol error",
+    "the WSGI application raised",
+    "cannot load WSGI application",
+    "template failed",
+    "reload aborted",
+    "accept() failed",
+    "epoll registration",
+)
+_WARNING_STARTS: Final = (
+    "warning:",
+    "cannot",
+    "I/O timeout",
+    "request timeout",
+    "graceful timeout",
+    "client went away",
+    "the web server",
+    "the request ended before",
+    "worker for slot",
+    "could not announce",
+    "releasing the listening socket failed",
+    "sd_notify failed",
+)
+_FAILED_EXIT = re.compile(
+    r"(exit status [1-9]|killed by signal|did not die|SIGKILL|sent no READY)"
+)
+
+
+def priority(message: str) -> int:
+    """The syslog priority of one of fcgispawn's log lines, from its wording: a detached
+    supervisor's log goes to the journal or syslog, where operators filter by priority
+    (journalctl -p warning); everything at INFO hid a crash loop among routine lines. The
+    stderr log has no priorities (its lines say "warning:" or "error" themselves)."""
+    if "Traceback (most recent call last)" in message or message.startswith(_ERR_STARTS):
+        return syslog.LOG_ERR
+    if message.startswith(_WARNING_STARTS):
+        return syslog.LOG_WARNING
+    if _FAILED_EXIT.search(message) and "(stopped)" not in message:
+        return syslog.LOG_WARNING
+    return syslog.LOG_INFO

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import syslog
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -328,3 +329,41 @@ def test_stderr_log_lines_carry_their_time_unless_stderr_is_the_journal(
     stamped = re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} fcgispawn\[\d+\]: hello\n", line)
     assert (stamped is None) is journal, line
     assert line.endswith(f"fcgispawn[{os.getpid()}]: hello\n")
+
+
+@pytest.mark.parametrize(
+    ("message", "level"),
+    [
+        ("giving up: workers keep dying: last exit status 1 (pid 12); 5 startup failures", "ERR"),
+        ("cannot load WSGI application 'x:app': no module named 'x'", "ERR"),
+        ("error in the WSGI application, answering 500: RuntimeError: boom\nTraceback (most "
+         "recent call last):\n  ...", "ERR"),
+        ("internal error in the responder:\nTraceback (most recent call last):", "ERR"),
+        ("reload aborted: new template 9 exit status 3 after 0.1s; keeping the running workers",
+         "ERR"),
+        ("warning: workers will run as root; give -u USER to drop privileges", "WARNING"),
+        ("worker 123 exit status 1 after 0.52s; replacing it", "WARNING"),
+        ("worker 123 killed by signal SIGKILL after 3.00s; replacing it", "WARNING"),
+        ("request timeout: GET /x has run for 31.0 s (limit 30 s); ending this worker", "WARNING"),
+        ("client went away before the response was complete: BrokenPipeError(32)", "WARNING"),
+        ("worker 123 exit status 0 after 12.00s (stopped)", "INFO"),
+        ("worker 123 killed by signal SIGTERM after 0.10s (stopped)", "INFO"),
+        ("worker 124 started (slot 0, generation 1)", "INFO"),
+        ("reload done: new workers [1, 2], draining [3, 4]", "INFO"),
+        ("ready: 4 of 4 workers up", "INFO"),
+    ],
+)
+def test_detached_log_lines_get_the_priority_their_wording_gives(message: str, level: str) -> None:
+    """A detached supervisor logs to the journal or syslog, where operators filter by
+    priority (journalctl -p warning): all at INFO, a crash loop hid among routine lines."""
+    assert systemd.priority(message) == getattr(syslog, f"LOG_{level}")
+
+
+def test_daemon_log_sends_each_line_at_its_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[str, int]] = []
+    monkeypatch.setattr(os.path, "exists", lambda path: True)  # a journal is there
+    monkeypatch.setattr(systemd, "journal_log", lambda m, p, **f: sent.append((m, p)))
+    log = systemd.daemon_log()
+    log("worker 1 started (slot 0, generation 1)")
+    log("giving up: the WSGI application cannot be loaded (its error is above)")
+    assert [p for _, p in sent] == [syslog.LOG_INFO, syslog.LOG_ERR]
