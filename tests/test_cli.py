@@ -107,7 +107,7 @@ def test_a_wsgi_app_that_does_not_import_ends_the_pool_at_once(
     for supervisord (startsecs=1) to count fcgispawn as started and restart it forever."""
     t0 = time.monotonic()
     proc = run("-n", "-s", str(sockdir / "a.sock"), "-F", "2", preload, "--wsgi", "nosuchmod:app")
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 3  # (~0.4 s here; the retries took 2-3 s more)
     assert_one_clear_line(proc, 1, "fcgispawn: the WSGI application cannot be loaded")
     assert proc.stderr.count("cannot load WSGI application 'nosuchmod:app'") <= 2  # a worker each
     assert "starting a new template" not in proc.stderr and "restarting slot" not in proc.stderr
