@@ -18,20 +18,18 @@ def _worker(spec: str) -> int:
     from fcgispawn import runtime, systemd
     from fcgispawn.errors import AppImportError, ConfigError, FcgiSpawnError
 
-    # (read before runtime.run takes it out of the environment)
-    detached = os.environ.get(systemd.DAEMON_LOG_ENV) == "daemon"
+    log = systemd.worker_log()
     try:
         try:
             kwargs = json.loads(spec)
             if not isinstance(kwargs, dict):
                 raise TypeError("not an object")
-            return runtime.run(**kwargs)
+            return runtime.run(**kwargs, log=log)
         except (ValueError, TypeError) as exc:  # not what the spawner writes
             raise ConfigError(f"{WORKER_ENV} is not a worker configuration ({exc})") from None
     except AppImportError as error:
         # One entry in the supervisor's log, stamped like its other lines, and the status
         # that makes it give up at once (config.APP_LOAD_EXIT) rather than retry.
-        log = systemd.daemon_log() if detached else systemd.stderr_log
         log(str(error) + (f"\n{error.detail.rstrip()}" if error.detail else ""))
         return APP_LOAD_EXIT
     except FcgiSpawnError as error:

@@ -266,8 +266,8 @@ def run(
     raises SocketError / AppImportError / ConfigError for cli.py to report. An app call that
     overruns ``request_timeout`` ends the process with status 124 (EXIT_REQUEST_TIMEOUT).
     """
-    if os.environ.pop(systemd.DAEMON_LOG_ENV, "") == "daemon" and log is systemd.stderr_log:
-        log = systemd.daemon_log()  # a detached supervisor's worker: stderr is /dev/null
+    if log is systemd.stderr_log:
+        log = systemd.worker_log()  # a detached supervisor's worker: stderr is /dev/null
     sock = listener if listener is not None else find_listener()
     # Taken out of the environment before the app is imported: it is the supervisor's (or
     # systemd's) private channel to this process, and an app that runs sd_notify code or a

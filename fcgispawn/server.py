@@ -1696,7 +1696,7 @@ class Server:
             return b""
         data = view[:n]
         # The kept connection of a web server that multiplexes takes the connection path,
-        # where it is read while its request runs (_watch_while_running).
+        # where it is read while its request runs (see _drive).
         if (
             kept is not None
             and self._mpx
@@ -1760,12 +1760,15 @@ class Server:
         except BaseException as exc:
             self._app_escaped(exc)
             out.aborted = True
-        if out.cut and kept is None:
-            out.cut = not _end_says_more(self._family, False, _marks_understood(environ))
+        if out.cut:
+            out.cut = self._breaks_off(
+                self._family,
+                kept is not None,
+                kept is not None and kept.mpx,
+                kept is None and _marks_understood(environ),
+            )
         last = False
         if kept is not None:
-            if out.cut and (kept.mpx or self._mpx_seen):
-                out.cut = False  # app status 1 only, as in _end: a next request may be in flight
             if kept.markable is None:
                 kept.markable = _marks_understood(environ)
             # Stopping: the connection is closed after this response (see _last_on).
@@ -2004,7 +2007,12 @@ class Server:
                     and (conn.mpx or self._mpx_seen)
                     and not conn.shared
                 ):
-                    self._watch_while_running(conn)
+                    # A web server that multiplexes (HAProxy with mpxs-conns) sends its next
+                    # request, a GET_VALUES or an ABORT_REQUEST while this one runs, and
+                    # nothing else would read the socket until the app read input or returned
+                    # (a /hello sent 1 ms after a 2 s request took 2 s). Shared with no task
+                    # yet: an epoll-woken thread reads what comes and hands off what is runnable.
+                    self._hand_off(conn)
                 self._run(req)
                 if conn.shared:
                     return  # other actors exist: _leave() arms the connection for them
@@ -2020,8 +2028,8 @@ class Server:
             return
 
     def _hand_off(self, conn: _Conn) -> None:
-        """Give every queued runnable request to another pool thread (the connection becomes
-        shared: locks on, and the epoll watches it for input nobody is waiting for)."""
+        """Give every queued runnable request (if any) to another pool thread (the connection
+        becomes shared: locks on, and the epoll watches it for input nobody is waiting for)."""
         runnable = conn.runnable
         conn.share()
         reqs: list[_Req] = []
@@ -2057,19 +2065,6 @@ class Server:
         elif conn is not None:
             conn.mpx = True  # a management record first (GET_VALUES)
         return True
-
-    def _watch_while_running(self, conn: _Conn) -> None:
-        """Keep a kept connection read while its one request runs, when GET_VALUES says it
-        may multiplex: a web server that does (HAProxy with mpxs-conns) sends its next request,
-        a GET_VALUES or an ABORT_REQUEST on it meanwhile, and nothing else reads the socket
-        until the app reads input or returns. A 2 s request held a /hello sent 1 ms after it
-        for the whole 2 s. Shared as in _hand_off, with no task yet: an epoll-woken thread
-        reads what comes (_shared_event) and hands off what becomes runnable."""
-        conn.share()
-        with self._lock:
-            with conn.lock:
-                conn.shared = True
-            self._watch_locked(conn)
 
     def _run_task(self, req: _Req) -> None:
         try:
@@ -2246,14 +2241,11 @@ class Server:
                 conn.served += 1
         else:
             conn.served += 1
-        # Not where the web server multiplexes: it may have sent the next request already,
-        # which nobody has read yet (every thread busy) and a close would lose.
         if (
             req.cut
             and not conn.dead
             and not conn.reqs
-            and not (conn.mpx or self._mpx_seen)
-            and not _end_says_more(conn.family, req.keep_conn, conn.markable)
+            and self._breaks_off(conn.family, req.keep_conn, conn.mpx, conn.markable)
         ):
             if req.pending:
                 rest = conn.frame(req.rid, b"".join(req.pending), stderr=False)
@@ -2302,6 +2294,20 @@ class Server:
                 self._unsent(exc)
         if closing:
             self._last_on(conn)
+
+    def _breaks_off(self, family: int, keep_conn: bool, mpx: bool, nginx: bool | None) -> bool:
+        """Whether a response cut short (see wsgi.Batching) ends with its connection broken
+        off (_break_off), the one signal web servers pass on to the client, rather than with
+        END_REQUEST and app status 1. Not on a kept connection of a web server that
+        multiplexes (``mpx``: it asked GET_VALUES; or any seen, see _multiplexed): it may have
+        sent its next request already, unread while every thread was busy, and a close lost
+        it. Not for nginx without fastcgi_keep_conn over a UNIX socket (no reset exists there):
+        it takes a close for the end of the response, but at END_REQUEST it checks the body
+        against the Content-Length; given a close, its client waited for the rest of a short
+        body until it timed out."""
+        if keep_conn:
+            return not (mpx or self._mpx_seen)
+        return not (family == socket.AF_UNIX and nginx)
 
     def _unsent(self, exc: OSError) -> None:
         """The end of a response, with some of its body, could not be written: say so (as
@@ -2493,15 +2499,6 @@ def _bound_blocking(fd: int, option: int, timeout: float) -> bool:
     except OSError:
         return False
     return True
-
-
-def _end_says_more(family: int, keep_conn: bool, nginx: bool | None) -> bool:
-    """Whether a response cut short is better ended with END_REQUEST than broken off (see
-    _break_off): nginx without fastcgi_keep_conn over a UNIX socket (no reset exists there)
-    takes a close for the end of the response, but at END_REQUEST it checks the body against
-    the Content-Length; given a close, its client waited for the rest of a short body until
-    it timed out."""
-    return family == socket.AF_UNIX and not keep_conn and bool(nginx)
 
 
 def _break_off(fd: int, family: int) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "priority",
     "stderr_log",
     "watchdog_usec",
+    "worker_log",
 ]
 
 #: The first fd systemd passes (sd_listen_fds(3)): 0-2 are stdio.
@@ -276,6 +277,15 @@ def stderr_log(message: str) -> None:
 #: Set (to "daemon") for the workers of a detached supervisor: their stderr is /dev/null, so
 #: they log where it does (daemon_log), or an app's tracebacks and wsgi.errors were lost.
 DAEMON_LOG_ENV = "FCGISPAWN_LOG"
+
+
+def worker_log() -> Callable[[str], None]:
+    """The log of a worker program: where a detached supervisor logs (daemon_log) when
+    DAEMON_LOG_ENV says so, else stderr. The variable is taken out of the environment: the
+    app's own children must not inherit it."""
+    if os.environ.pop(DAEMON_LOG_ENV, "") == "daemon":
+        return daemon_log()
+    return stderr_log
 
 
 def daemon_log() -> Callable[[str], None]:
